@@ -1,0 +1,1 @@
+"""Triton kernels only (`@triton.jit` code). Installed as `thrift_vllm.kernels`."""

@@ -1,0 +1,122 @@
+"""FP4 (e2m1) encode/decode helpers and the quantisation kernel.
+
+Bit-exact with ``thrift_vllm/formats.py``: same thresholds, same e4m3 / e8m0 scale rounding.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _e2m1_code(y):
+    """fp32 (already divided by the scale) -> int32 e2m1 code, nearest with ties to even code."""
+    a = tl.abs(y)
+    mag = (a > 0.25).to(tl.int32) + (a >= 0.75).to(tl.int32) + (a > 1.25).to(tl.int32)
+    mag += (a >= 1.75).to(tl.int32) + (a > 2.5).to(tl.int32) + (a >= 3.5).to(tl.int32)
+    mag += (a > 5.0).to(tl.int32)
+    return mag + ((y < 0) & (mag > 0)).to(tl.int32) * 8
+
+
+@triton.jit
+def _e2m1_value(code):
+    """int32 e2m1 code -> fp32 value. The code's exponent/mantissa bits placed at the top of an
+    fp16 exponent give 2**(e-15) * (1 + m/2) (or m * 2**-15 for e == 0); times 2**14 that is the
+    e2m1 value, exactly. No lookup table, four integer ops."""
+    bits = ((code & 8) << 12) | ((code & 7) << 9)
+    return bits.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32) * 16384.0
+
+
+@triton.jit
+def _round_e4m3(y):
+    """Non-negative fp32 -> nearest-even e4m3 value (as fp32), saturating at 448."""
+    y = tl.minimum(y, 448.0)
+    bits = y.to(tl.int32, bitcast=True)
+    normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & -1048576).to(tl.float32, bitcast=True)
+    # Below 2**-6 e4m3 is subnormal with a fixed quantum 2**-9; adding 2**14 rounds to it (RNE).
+    sub = (y + 16384.0) - 16384.0
+    return tl.where(y < 0.015625, sub, normal)
+
+
+@triton.jit
+def _e8m0_ceil(y):
+    """fp32 >= 0 -> biased exponent (int32) of 2**ceil(log2(y)); 0 for y == 0."""
+    bits = y.to(tl.int32, bitcast=True)
+    e = ((bits >> 23) & 0xFF) + ((bits & 0x7FFFFF) != 0).to(tl.int32)
+    return tl.where(y > 0, tl.minimum(e, 254), 0)
+
+
+@triton.jit
+def _e8m0_value(e):
+    """Biased exponent (int32, 1..254) -> 2**(e - 127) as fp32; 0 -> 0 (only all-zero groups)."""
+    return (e << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _scale_value(s, FMT: tl.constexpr):
+    """Stored scale (float8e4nv for nvfp4, uint8 exponent for mxfp4) -> fp32."""
+    if FMT == "nvfp4":
+        return s.to(tl.float32)
+    else:
+        return _e8m0_value(s.to(tl.int32))
+
+
+@triton.jit
+def _unpack(packed):
+    """uint8 [R, C/2] -> int32 codes [R, C] (low nibble first)."""
+    p = packed.to(tl.int32)
+    return tl.interleave(p & 0xF, p >> 4)
+
+
+@triton.jit
+def _pack(codes, R: tl.constexpr, C: tl.constexpr):
+    """int32 codes [R, C] -> uint8 [R, C/2] (low nibble first)."""
+    lo, hi = tl.split(tl.reshape(codes, [R, C // 2, 2]))
+    return (lo | (hi << 4)).to(tl.uint8)
+
+
+@triton.jit
+def _dequant_tile(packed, scales, R: tl.constexpr, C: tl.constexpr, G: tl.constexpr,
+                  FMT: tl.constexpr):
+    """Packed [R, C/2] + scales [R, C/G] -> fp32 values [R, C]."""
+    vals = tl.reshape(_e2m1_value(_unpack(packed)), [R, C // G, G])
+    sc = _scale_value(scales, FMT)
+    return tl.reshape(vals * sc[:, :, None], [R, C])
+
+
+@triton.jit
+def _quantize_kernel(
+    x_ptr, data_ptr, scale_ptr,
+    R, C,
+    stride_xp, stride_xr, stride_xc,
+    stride_dp, stride_dr, stride_sp, stride_sr,
+    G: tl.constexpr, FMT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Quantise x[p, r, c] along c. Grid: (cdiv(R, BLOCK_R), P, cdiv(C_padded, BLOCK_C)).
+    Columns past C (up to the padded length the output holds) are zeros."""
+    pid_r = tl.program_id(0)
+    pid_p = tl.program_id(1).to(tl.int64)
+    pid_c = tl.program_id(2)
+    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask = (rows[:, None] < R) & (cols[None, :] < C)
+    x = tl.load(x_ptr + pid_p * stride_xp + rows[:, None] * stride_xr + cols[None, :] * stride_xc,
+                mask=mask, other=0.0).to(tl.float32)
+    xg = tl.reshape(x, [BLOCK_R, BLOCK_C // G, G])
+    amax = tl.max(tl.abs(xg), axis=2)
+    if FMT == "nvfp4":
+        scale = _round_e4m3(amax / 6.0)
+        stored = scale.to(tl.float8e4nv)
+    else:
+        e = _e8m0_ceil(amax / 6.0)
+        scale = _e8m0_value(e)
+        stored = e.to(tl.uint8)
+    safe = tl.where(scale > 0, scale, 1.0)
+    y = tl.where(scale[:, :, None] > 0, tl.div_rn(xg, safe[:, :, None]), 0.0)
+    packed = _pack(tl.reshape(_e2m1_code(y), [BLOCK_R, BLOCK_C]), BLOCK_R, BLOCK_C)
+    pcols = pid_c * (BLOCK_C // 2) + tl.arange(0, BLOCK_C // 2)
+    prow = rows[:, None] < R
+    tl.store(data_ptr + pid_p * stride_dp + rows[:, None] * stride_dr + pcols[None, :], packed,
+             mask=prow)
+    scols = pid_c * (BLOCK_C // G) + tl.arange(0, BLOCK_C // G)
+    tl.store(scale_ptr + pid_p * stride_sp + rows[:, None] * stride_sr + scols[None, :], stored,
+             mask=prow)

@@ -1,0 +1,1 @@
+"""Host wrappers: validate, allocate and launch the Triton kernels."""

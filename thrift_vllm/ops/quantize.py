@@ -1,0 +1,51 @@
+"""Launch the FP4 quantisation kernel (same semantics as ``thrift_vllm.formats.quantize``)."""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from thrift_vllm.formats import QuantizedTensor, check_format
+from thrift_vllm.kernels.fp4 import _quantize_kernel
+
+
+def quantize_fp4(
+    x: torch.Tensor, quant_format: str = "nvfp4", axis: int = -1, pad_to: int | None = None
+) -> QuantizedTensor:
+    """Quantise ``x [..., n]`` (fp16/bf16/fp32) along ``axis`` with the Triton kernel.
+
+    Output layout as :func:`thrift_vllm.formats.quantize`: the quantised axis moved last and padded
+    with zeros to a multiple of ``pad_to`` (default: the group size; must be a multiple of it).
+    ``x`` is read through its strides; no copy is made for ``axis != -1``.
+    """
+    group = check_format(quant_format)
+    if x.dim() < 2 or not x.is_floating_point():
+        raise ValueError(f"quantize_fp4 expects a float tensor of rank >= 2, got {tuple(x.shape)}")
+    ax = axis % x.dim()
+    pad_to = pad_to or group
+    if pad_to % group:
+        raise ValueError(f"pad_to={pad_to} must be a multiple of the group size {group}")
+    xm = x.movedim(ax, -1)
+    lead = xm.shape[:-2]
+    R, C = xm.shape[-2], xm.shape[-1]
+    P = 1
+    for s in lead:
+        P *= s
+    x3 = xm.reshape(P, R, C)  # a view when the leading dims are contiguous with each other
+    cpad = -(-C // pad_to) * pad_to
+    data = torch.empty(P, R, cpad // 2, dtype=torch.uint8, device=x.device)
+    sdtype = torch.float8_e4m3fn if quant_format == "nvfp4" else torch.uint8
+    scales = torch.empty(P, R, cpad // group, dtype=sdtype, device=x.device)
+    block_c = 64 if cpad % 64 == 0 else group
+    block_r = 16
+    grid = (triton.cdiv(R, block_r), P, cpad // block_c)
+    _quantize_kernel[grid](
+        x3, data, scales, R, C,
+        x3.stride(0), x3.stride(1), x3.stride(2),
+        data.stride(0), data.stride(1), scales.stride(0), scales.stride(1),
+        G=group, FMT=quant_format, BLOCK_R=block_r, BLOCK_C=block_c,
+    )
+    return QuantizedTensor(
+        data.view(*lead, R, cpad // 2), scales.view(*lead, R, cpad // group), quant_format, ax,
+        tuple(x.shape), x.dtype,
+    )

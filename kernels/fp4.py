@@ -53,11 +53,20 @@ def _e8m0_value(e):
 
 @triton.jit
 def _scale_value(s, FMT: tl.constexpr):
-    """Stored scale (float8e4nv for nvfp4, uint8 exponent for mxfp4) -> fp32."""
+    """Stored scale bytes (uint8: e4m3 bits for nvfp4, exponent for mxfp4) -> fp32."""
     if FMT == "nvfp4":
-        return s.to(tl.float32)
+        return s.to(tl.float8e4nv, bitcast=True).to(tl.float32)
     else:
         return _e8m0_value(s.to(tl.int32))
+
+
+@triton.jit
+def _mma_scale(s, FMT: tl.constexpr):
+    """Stored scale bytes (uint8) in the type tl.dot_scaled expects (e4m3 for nvfp4)."""
+    if FMT == "nvfp4":
+        return s.to(tl.float8e4nv, bitcast=True)
+    else:
+        return s
 
 
 @triton.jit

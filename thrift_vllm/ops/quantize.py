@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 
 from thrift_vllm.formats import QuantizedTensor, check_format
 from thrift_vllm.kernels.fp4 import _quantize_kernel
+
+
+def triton_interpreted() -> bool:
+    """Whether Triton runs kernels in its CPU interpreter (Triton's own switch, read once per
+    launch; the interpreter needs fp32 dots, see kernels/tiles.py `_dot`)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def quantize_fp4(

@@ -1,0 +1,210 @@
+"""Inner-loop tiles shared by the prefill and decode kernels. Each takes and returns the online
+softmax state ``(acc, l_i, m_i)`` (fp32, log2 domain) for one key tile of BLOCK_N keys.
+
+The FP4 tile implements ``thrift_vllm.reference`` exactly: scores from FP4 q and k, ``p`` taken
+against the tile's *own* row max (so the P quantisation does not depend on visiting order), P
+quantised per group of G keys, the tile's contribution rescaled by ``exp2(mt - m_new)``.
+"""
+
+import triton
+import triton.language as tl
+
+from thrift_vllm.kernels.fp4 import (
+    _dequant_tile,
+    _e2m1_code,
+    _e2m1_value,
+    _e8m0_ceil,
+    _e8m0_value,
+    _mma_scale,
+    _pack,
+    _round_e4m3,
+)
+
+# NVFP4 P: group scale e4m3(448 * amax) and a constant 1/2688 factor (thrift_vllm/reference.py).
+P_SCALE_MUL: tl.constexpr = 448.0
+P_ROW_DIV: tl.constexpr = 2688.0
+
+
+@triton.jit
+def _dot(a, b, DOT_FP32: tl.constexpr):
+    """tl.dot, or an fp32 dot where the Triton interpreter's bf16 dot is wrong (Triton 3.9 CPU
+    interpreter returns garbage for bf16 operands); FP4 operands are exact in either type."""
+    if DOT_FP32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32))
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def _fp4_dot(
+    a,
+    a_scale,
+    bt,
+    bt_scale,
+    M: tl.constexpr,
+    N: tl.constexpr,
+    K: tl.constexpr,
+    G: tl.constexpr,
+    FMT: tl.constexpr,
+    EMULATE: tl.constexpr,
+):
+    """a @ bt.T on packed FP4: a [M, K/2] + scales [M, K/G], bt [N, K/2] + scales [N, K/G].
+    Native block-scaled MMA via tl.dot_scaled; EMULATE dequantises instead (the Triton 3.9
+    interpreter decodes every dot_scaled scale as e8m0, so NVFP4 is emulated there)."""
+    if EMULATE and FMT == "nvfp4":
+        af = _dequant_tile(a, a_scale, M, K, G, FMT)
+        bf = _dequant_tile(bt, bt_scale, N, K, G, FMT)
+        return tl.dot(af, tl.trans(bf))
+    else:
+        return tl.dot_scaled(
+            a, _mma_scale(a_scale, FMT), "e2m1", tl.trans(bt), _mma_scale(bt_scale, FMT), "e2m1"
+        )
+
+
+@triton.jit
+def _key_mask(offs_n, q_pos, Skv, CAUSAL: tl.constexpr):
+    """[M, N] bool: key valid and (if causal) at or before the query's absolute position."""
+    valid = (offs_n < Skv)[None, :]
+    if CAUSAL:
+        valid = valid & (offs_n[None, :] <= q_pos[:, None])
+    return valid
+
+
+@triton.jit
+def _quant_p(p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, G: tl.constexpr, FMT: tl.constexpr):
+    """Quantise weights p [M, N] (in [0, 1]) per G keys.
+
+    Returns (vals, codes, stored): vals fp32 [M, N] = code value * group scale, *without* the
+    constant NVFP4 1/2688 factor (so vals is exact in bf16), codes int32 [M, N], and the stored
+    group scale bytes [M, N/G] (uint8: e4m3 bits for nvfp4, exponents for mxfp4).
+    """
+    pg = tl.reshape(p, [BLOCK_M, BLOCK_N // G, G])
+    amax = tl.max(pg, axis=2)
+    if FMT == "nvfp4":
+        gs = _round_e4m3(amax * P_SCALE_MUL)
+        inv = tl.where(gs > 0, P_ROW_DIV / tl.where(gs > 0, gs, 1.0), 0.0)
+        stored = gs.to(tl.float8e4nv).to(tl.uint8, bitcast=True)
+    else:
+        e = _e8m0_ceil(amax / 6.0)
+        gs = _e8m0_value(e)
+        inv = tl.where(e > 0, _e8m0_value(tl.maximum(254 - e, 1)), 0.0)  # 2**(127 - e), exact
+        stored = e.to(tl.uint8)
+    codes = _e2m1_code(pg * inv[:, :, None])
+    vals = _e2m1_value(codes) * gs[:, :, None]
+    return (tl.reshape(vals, [BLOCK_M, BLOCK_N]), tl.reshape(codes, [BLOCK_M, BLOCK_N]), stored)
+
+
+@triton.jit
+def _fp4_tile(
+    acc,
+    l_i,
+    m_i,
+    q4,
+    qp,
+    qs,
+    kp_base,
+    ks_base,
+    vp_base,
+    vs_base,
+    stride_kpn,
+    stride_ksn,
+    stride_vpd,
+    stride_vsd,
+    start_n,
+    q_pos,
+    Skv,
+    qk_scale,
+    keep,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    D: tl.constexpr,
+    G: tl.constexpr,
+    FMT: tl.constexpr,
+    FP4_MATH: tl.constexpr,
+    MASKED: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+):
+    """One FP4 key tile. q4: bf16 [M, D] dequantised FP4 q (bf16 math); qp/qs: packed q and its
+    scales (native math). K is stored [Skv, D/2] per head; V transposed [D, S_pad/2], grouped
+    along tokens. ``keep`` False turns the tile into a no-op (it is computed in FP16 instead)."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_dp = tl.arange(0, D // 2)
+    offs_dg = tl.arange(0, D // G)
+    offs_d = tl.arange(0, D)
+    kp_ptrs = kp_base + offs_n[:, None] * stride_kpn + offs_dp[None, :]
+    ks_ptrs = ks_base + offs_n[:, None] * stride_ksn + offs_dg[None, :]
+    if MASKED:
+        kp = tl.load(kp_ptrs, mask=(offs_n < Skv)[:, None], other=0)
+        ks = tl.load(ks_ptrs, mask=(offs_n < Skv)[:, None], other=0)
+    else:
+        kp = tl.load(kp_ptrs)
+        ks = tl.load(ks_ptrs)
+    # V is padded to whole tiles in storage: no mask needed.
+    offs_vp = start_n // 2 + tl.arange(0, BLOCK_N // 2)
+    offs_vg = start_n // G + tl.arange(0, BLOCK_N // G)
+    vp = tl.load(vp_base + offs_d[:, None] * stride_vpd + offs_vp[None, :])
+    vs = tl.load(vs_base + offs_d[:, None] * stride_vsd + offs_vg[None, :])
+    if FP4_MATH == "native":
+        s = _fp4_dot(qp, qs, kp, ks, BLOCK_M, BLOCK_N, D, G, FMT, DOT_FP32)
+    else:
+        k4 = _dequant_tile(kp, ks, BLOCK_N, D, G, FMT).to(tl.bfloat16)
+        s = _dot(q4, tl.trans(k4), DOT_FP32)
+    s = s * qk_scale
+    if MASKED:
+        s = tl.where(_key_mask(offs_n, q_pos, Skv, CAUSAL), s, float("-inf"))
+    s = tl.where(keep, s, float("-inf"))
+    mt = tl.max(s, axis=1)
+    p = tl.math.exp2(s - tl.where(mt == float("-inf"), 0.0, mt)[:, None])
+    vals, codes, stored = _quant_p(p, BLOCK_M, BLOCK_N, G, FMT)
+    if FP4_MATH == "native":
+        pv = _fp4_dot(
+            _pack(codes, BLOCK_M, BLOCK_N), stored, vp, vs, BLOCK_M, D, BLOCK_N, G, FMT, DOT_FP32
+        )
+    else:
+        v4 = _dequant_tile(vp, vs, D, BLOCK_N, G, FMT).to(tl.bfloat16)
+        pv = _dot(vals.to(tl.bfloat16), tl.trans(v4), DOT_FP32)
+    m_new = tl.maximum(m_i, mt)
+    alpha = tl.math.exp2(m_i - m_new)
+    beta = tl.math.exp2(mt - m_new)
+    if FMT == "nvfp4":
+        beta = beta / P_ROW_DIV
+    acc = acc * alpha[:, None] + pv * beta[:, None]
+    l_i = l_i * alpha + tl.sum(vals, axis=1) * beta
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _fp16_tile(
+    acc,
+    l_i,
+    m_i,
+    q,
+    k_base,
+    v_base,
+    stride_kn,
+    stride_vn,
+    start_n,
+    q_pos,
+    Skv,
+    qk_scale,
+    BLOCK_N: tl.constexpr,
+    D: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+):
+    """One FP16/BF16 key tile on the original q, k, v (always masked: used for the few selected
+    tiles, where the diagonal and the partial last tile may occur)."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D)
+    kmask = (offs_n < Skv)[:, None]
+    k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kmask, other=0.0)
+    v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kmask, other=0.0)
+    s = _dot(q, tl.trans(k), DOT_FP32) * qk_scale
+    s = tl.where(_key_mask(offs_n, q_pos, Skv, CAUSAL), s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    alpha = tl.math.exp2(m_i - m_new)
+    p = tl.math.exp2(s - m_new[:, None])
+    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_FP32)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    return acc, l_i, m_new

@@ -10,22 +10,68 @@ import triton
 import triton.language as tl
 
 from thrift_vllm.kernels.fp4 import _dequant_tile
-from thrift_vllm.kernels.tiles import _fp4_tile, _fp16_tile
+from thrift_vllm.kernels.tiles import _fp4_tile, _fp8_rows, _fp16_tile
 
 
 @triton.jit
 def _thrift_decode_kernel(
-    Q, K, V, Qp, Qs, Kp, Ks, Vp, Vs, Sel, Acc, ML,
-    Skv, n_kv_blocks, K_SEL, tiles_per_split, qk_scale, use_fp4,
-    stride_qb, stride_qh, stride_kb, stride_kh, stride_ks,
-    stride_qpb, stride_qph, stride_qsb, stride_qsh,
-    stride_kpb, stride_kph, stride_kps, stride_ksb, stride_ksh, stride_kss,
-    stride_vpb, stride_vph, stride_vpd, stride_vsb, stride_vsh, stride_vsd,
-    stride_selb, stride_selh,
-    stride_ab, stride_ah, stride_as, stride_mb, stride_mh, stride_ms,
-    Hkv: tl.constexpr, GROUP: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK: tl.constexpr,
-    D: tl.constexpr, G: tl.constexpr, FMT: tl.constexpr, FP4_MATH: tl.constexpr,
-    K_POW2: tl.constexpr, DOT_FP32: tl.constexpr,
+    Q,
+    K,
+    V,
+    Qp,
+    Qs,
+    Kp,
+    Ks,
+    Vp,
+    Vs,
+    Sel,
+    Acc,
+    ML,
+    Skv,
+    n_kv_blocks,
+    K_SEL,
+    tiles_per_split,
+    qk_scale,
+    use_fp4,
+    stride_qb,
+    stride_qh,
+    stride_kb,
+    stride_kh,
+    stride_ks,
+    stride_qpb,
+    stride_qph,
+    stride_qsb,
+    stride_qsh,
+    stride_kpb,
+    stride_kph,
+    stride_kps,
+    stride_ksb,
+    stride_ksh,
+    stride_kss,
+    stride_vpb,
+    stride_vph,
+    stride_vpd,
+    stride_vsb,
+    stride_vsh,
+    stride_vsd,
+    stride_selb,
+    stride_selh,
+    stride_ab,
+    stride_ah,
+    stride_as,
+    stride_mb,
+    stride_mh,
+    stride_ms,
+    Hkv: tl.constexpr,
+    GROUP: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK: tl.constexpr,
+    D: tl.constexpr,
+    G: tl.constexpr,
+    FMT: tl.constexpr,
+    FP4_MATH: tl.constexpr,
+    K_POW2: tl.constexpr,
+    DOT_FP32: tl.constexpr,
 ):
     """Q: [B, Hq, 1, D]; K/V, Qp/Qs, Kp/Ks, Vp/Vs, Sel as in the prefill kernel (Sel rows of one
     group are equal; the group's first row is read). Acc: fp32 [B, Hq, num_splits, D];
@@ -40,14 +86,26 @@ def _thrift_decode_kernel(
     offs_d = tl.arange(0, D)
     offs_dp = tl.arange(0, D // 2)
     offs_dg = tl.arange(0, D // G)
-    q = tl.load(Q + b * stride_qb + h[:, None] * stride_qh + offs_d[None, :],
-                mask=row_ok[:, None], other=0.0)
-    qp = tl.load(Qp + b * stride_qpb + h[:, None] * stride_qph + offs_dp[None, :],
-                 mask=row_ok[:, None], other=0)
-    qs = tl.load(Qs + b * stride_qsb + h[:, None] * stride_qsh + offs_dg[None, :],
-                 mask=row_ok[:, None], other=0)
+    q = tl.load(
+        Q + b * stride_qb + h[:, None] * stride_qh + offs_d[None, :],
+        mask=row_ok[:, None],
+        other=0.0,
+    )
+    qp = tl.load(
+        Qp + b * stride_qpb + h[:, None] * stride_qph + offs_dp[None, :],
+        mask=row_ok[:, None],
+        other=0,
+    )
+    qs = tl.load(
+        Qs + b * stride_qsb + h[:, None] * stride_qsh + offs_dg[None, :],
+        mask=row_ok[:, None],
+        other=0,
+    )
+    q_fac = tl.full([BLOCK_H], 1.0, dtype=tl.float32)
     if FP4_MATH == "native":
-        q4 = q
+        q4 = q  # unused: dot_scaled reads qp/qs
+    elif FP4_MATH == "fp8":
+        q4, q_fac = _fp8_rows(_dequant_tile(qp, qs, BLOCK_H, D, G, FMT))
     else:
         q4 = _dequant_tile(qp, qs, BLOCK_H, D, G, FMT).to(tl.bfloat16)
     q_pos = tl.full([BLOCK_H], Skv - 1, dtype=tl.int32)
@@ -76,26 +134,99 @@ def _thrift_decode_kernel(
     nxt = tl.load(sel_row + ptr, mask=ptr < hi, other=-1)
     for j in range(j0, j_full):
         acc, l_i, m_i = _fp4_tile(
-            acc, l_i, m_i, q4, qp, qs, kp_base, ks_base, vp_base, vs_base,
-            stride_kps, stride_kss, stride_vpd, stride_vsd, j * BLOCK, q_pos, Skv, qk_scale,
-            j != nxt, BLOCK_H, BLOCK, D, G, FMT, FP4_MATH, False, False, DOT_FP32)
+            acc,
+            l_i,
+            m_i,
+            q4,
+            q_fac,
+            qp,
+            qs,
+            kp_base,
+            ks_base,
+            vp_base,
+            vs_base,
+            stride_kps,
+            stride_kss,
+            stride_vpd,
+            stride_vsd,
+            j * BLOCK,
+            q_pos,
+            Skv,
+            qk_scale,
+            j != nxt,
+            BLOCK_H,
+            BLOCK,
+            D,
+            G,
+            FMT,
+            FP4_MATH,
+            False,
+            False,
+            DOT_FP32,
+        )
         ptr += (j == nxt).to(tl.int32)
         nxt = tl.load(sel_row + ptr, mask=ptr < hi, other=-1)
     if j_full < j_end:
         acc, l_i, m_i = _fp4_tile(
-            acc, l_i, m_i, q4, qp, qs, kp_base, ks_base, vp_base, vs_base,
-            stride_kps, stride_kss, stride_vpd, stride_vsd, j_full * BLOCK, q_pos, Skv,
-            qk_scale, j_full != nxt, BLOCK_H, BLOCK, D, G, FMT, FP4_MATH, True, False, DOT_FP32)
+            acc,
+            l_i,
+            m_i,
+            q4,
+            q_fac,
+            qp,
+            qs,
+            kp_base,
+            ks_base,
+            vp_base,
+            vs_base,
+            stride_kps,
+            stride_kss,
+            stride_vpd,
+            stride_vsd,
+            j_full * BLOCK,
+            q_pos,
+            Skv,
+            qk_scale,
+            j_full != nxt,
+            BLOCK_H,
+            BLOCK,
+            D,
+            G,
+            FMT,
+            FP4_MATH,
+            True,
+            False,
+            DOT_FP32,
+        )
 
     k_base = K + b * stride_kb + kvh * stride_kh
     v_base = V + b * stride_kb + kvh * stride_kh
     for i in range(lo, hi):
         j = tl.load(sel_row + i)
-        acc, l_i, m_i = _fp16_tile(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_ks,
-                                   j * BLOCK, q_pos, Skv, qk_scale, BLOCK, D, False, DOT_FP32)
+        acc, l_i, m_i = _fp16_tile(
+            acc,
+            l_i,
+            m_i,
+            q,
+            k_base,
+            v_base,
+            stride_ks,
+            stride_ks,
+            j * BLOCK,
+            q_pos,
+            Skv,
+            qk_scale,
+            BLOCK,
+            D,
+            False,
+            DOT_FP32,
+        )
 
-    tl.store(Acc + b * stride_ab + h[:, None] * stride_ah + split * stride_as + offs_d[None, :],
-             acc, mask=row_ok[:, None])
+    tl.store(
+        Acc + b * stride_ab + h[:, None] * stride_ah + split * stride_as + offs_d[None, :],
+        acc,
+        mask=row_ok[:, None],
+    )
     ml = ML + b * stride_mb + h * stride_mh + split * stride_ms
     tl.store(ml, m_i, mask=row_ok)
     tl.store(ml + 1, l_i, mask=row_ok)
@@ -103,9 +234,21 @@ def _thrift_decode_kernel(
 
 @triton.jit
 def _decode_reduce_kernel(
-    Acc, ML, Out, num_splits,
-    stride_ab, stride_ah, stride_as, stride_mb, stride_mh, stride_ms, stride_ob, stride_oh,
-    Hq: tl.constexpr, D: tl.constexpr, SPLIT_POW2: tl.constexpr,
+    Acc,
+    ML,
+    Out,
+    num_splits,
+    stride_ab,
+    stride_ah,
+    stride_as,
+    stride_mb,
+    stride_mh,
+    stride_ms,
+    stride_ob,
+    stride_oh,
+    Hq: tl.constexpr,
+    D: tl.constexpr,
+    SPLIT_POW2: tl.constexpr,
 ):
     """Merge split partials: Out[b, h, 0, :] = sum_s 2**(m_s - M) acc_s / sum_s 2**(m_s - M) l_s.
     Grid (B * Hq,)."""
@@ -119,8 +262,10 @@ def _decode_reduce_kernel(
     l_s = tl.load(ml + 1, mask=smask, other=0.0)
     w = tl.where(smask, tl.math.exp2(m - tl.max(m, axis=0)), 0.0)
     offs_d = tl.arange(0, D)
-    acc = tl.load(Acc + b * stride_ab + h * stride_ah + offs_s[:, None] * stride_as
-                  + offs_d[None, :], mask=smask[:, None], other=0.0)
+    acc = tl.load(
+        Acc + b * stride_ab + h * stride_ah + offs_s[:, None] * stride_as + offs_d[None, :],
+        mask=smask[:, None],
+        other=0.0,
+    )
     out = tl.sum(acc * w[:, None], axis=0) / tl.sum(l_s * w, axis=0)
     tl.store(Out + b * stride_ob + h * stride_oh + offs_d, out.to(Out.dtype.element_ty))
-

@@ -84,8 +84,9 @@ def _pack(codes, R: tl.constexpr, C: tl.constexpr):
 
 
 @triton.jit
-def _dequant_tile(packed, scales, R: tl.constexpr, C: tl.constexpr, G: tl.constexpr,
-                  FMT: tl.constexpr):
+def _dequant_tile(
+    packed, scales, R: tl.constexpr, C: tl.constexpr, G: tl.constexpr, FMT: tl.constexpr
+):
     """Packed [R, C/2] + scales [R, C/G] -> fp32 values [R, C]."""
     vals = tl.reshape(_e2m1_value(_unpack(packed)), [R, C // G, G])
     sc = _scale_value(scales, FMT)
@@ -94,11 +95,22 @@ def _dequant_tile(packed, scales, R: tl.constexpr, C: tl.constexpr, G: tl.conste
 
 @triton.jit
 def _quantize_kernel(
-    x_ptr, data_ptr, scale_ptr,
-    R, C,
-    stride_xp, stride_xr, stride_xc,
-    stride_dp, stride_dr, stride_sp, stride_sr,
-    G: tl.constexpr, FMT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    x_ptr,
+    data_ptr,
+    scale_ptr,
+    R,
+    C,
+    stride_xp,
+    stride_xr,
+    stride_xc,
+    stride_dp,
+    stride_dr,
+    stride_sp,
+    stride_sr,
+    G: tl.constexpr,
+    FMT: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     """Quantise x[p, r, c] along c. Grid: (cdiv(R, BLOCK_R), P, cdiv(C_padded, BLOCK_C)).
     Columns past C (up to the padded length the output holds) are zeros."""
@@ -108,8 +120,11 @@ def _quantize_kernel(
     rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     mask = (rows[:, None] < R) & (cols[None, :] < C)
-    x = tl.load(x_ptr + pid_p * stride_xp + rows[:, None] * stride_xr + cols[None, :] * stride_xc,
-                mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(
+        x_ptr + pid_p * stride_xp + rows[:, None] * stride_xr + cols[None, :] * stride_xc,
+        mask=mask,
+        other=0.0,
+    ).to(tl.float32)
     xg = tl.reshape(x, [BLOCK_R, BLOCK_C // G, G])
     amax = tl.max(tl.abs(xg), axis=2)
     if FMT == "nvfp4":
@@ -124,8 +139,12 @@ def _quantize_kernel(
     packed = _pack(tl.reshape(_e2m1_code(y), [BLOCK_R, BLOCK_C]), BLOCK_R, BLOCK_C)
     pcols = pid_c * (BLOCK_C // 2) + tl.arange(0, BLOCK_C // 2)
     prow = rows[:, None] < R
-    tl.store(data_ptr + pid_p * stride_dp + rows[:, None] * stride_dr + pcols[None, :], packed,
-             mask=prow)
+    tl.store(
+        data_ptr + pid_p * stride_dp + rows[:, None] * stride_dr + pcols[None, :], packed, mask=prow
+    )
     scols = pid_c * (BLOCK_C // G) + tl.arange(0, BLOCK_C // G)
-    tl.store(scale_ptr + pid_p * stride_sp + rows[:, None] * stride_sr + scols[None, :], stored,
-             mask=prow)
+    tl.store(
+        scale_ptr + pid_p * stride_sp + rows[:, None] * stride_sr + scols[None, :],
+        stored,
+        mask=prow,
+    )

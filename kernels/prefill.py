@@ -11,22 +11,68 @@ import triton
 import triton.language as tl
 
 from thrift_vllm.kernels.fp4 import _dequant_tile
-from thrift_vllm.kernels.tiles import _fp4_tile, _fp16_tile
+from thrift_vllm.kernels.tiles import _fp4_tile, _fp8_rows, _fp16_tile
 
 
 @triton.jit
 def _thrift_prefill_kernel(
-    Q, K, V, Qp, Qs, Kp, Ks, Vp, Vs, Sel, Out,
-    Sq, Skv, n_kv_blocks, first_q_block, q_offset, K_SEL, qk_scale, use_fp4,
-    stride_qb, stride_qh, stride_qs,
-    stride_kb, stride_kh, stride_ks,
-    stride_qpb, stride_qph, stride_qps, stride_qsb, stride_qsh, stride_qss,
-    stride_kpb, stride_kph, stride_kps, stride_ksb, stride_ksh, stride_kss,
-    stride_vpb, stride_vph, stride_vpd, stride_vsb, stride_vsh, stride_vsd,
-    stride_selb, stride_selh, stride_selr,
-    stride_ob, stride_oh, stride_os,
-    Hq: tl.constexpr, GROUP: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr,
-    G: tl.constexpr, FMT: tl.constexpr, FP4_MATH: tl.constexpr, CAUSAL: tl.constexpr,
+    Q,
+    K,
+    V,
+    Qp,
+    Qs,
+    Kp,
+    Ks,
+    Vp,
+    Vs,
+    Sel,
+    Out,
+    Sq,
+    Skv,
+    n_kv_blocks,
+    first_q_block,
+    q_offset,
+    K_SEL,
+    qk_scale,
+    use_fp4,
+    stride_qb,
+    stride_qh,
+    stride_qs,
+    stride_kb,
+    stride_kh,
+    stride_ks,
+    stride_qpb,
+    stride_qph,
+    stride_qps,
+    stride_qsb,
+    stride_qsh,
+    stride_qss,
+    stride_kpb,
+    stride_kph,
+    stride_kps,
+    stride_ksb,
+    stride_ksh,
+    stride_kss,
+    stride_vpb,
+    stride_vph,
+    stride_vpd,
+    stride_vsb,
+    stride_vsh,
+    stride_vsd,
+    stride_selb,
+    stride_selh,
+    stride_selr,
+    stride_ob,
+    stride_oh,
+    stride_os,
+    Hq: tl.constexpr,
+    GROUP: tl.constexpr,
+    BLOCK: tl.constexpr,
+    D: tl.constexpr,
+    G: tl.constexpr,
+    FMT: tl.constexpr,
+    FP4_MATH: tl.constexpr,
+    CAUSAL: tl.constexpr,
     DOT_FP32: tl.constexpr,
 ):
     """Q/K/V: [B, H, S, D] fp16/bf16 (last dim contiguous; K and V share strides). Qp/Kp:
@@ -46,14 +92,26 @@ def _thrift_prefill_kernel(
     offs_dp = tl.arange(0, D // 2)
     offs_dg = tl.arange(0, D // G)
 
-    q = tl.load(Q + b * stride_qb + h * stride_qh + qi[:, None] * stride_qs + offs_d[None, :],
-                mask=row_ok[:, None], other=0.0)
-    qp = tl.load(Qp + b * stride_qpb + h * stride_qph + qi[:, None] * stride_qps
-                 + offs_dp[None, :], mask=row_ok[:, None], other=0)
-    qs = tl.load(Qs + b * stride_qsb + h * stride_qsh + qi[:, None] * stride_qss
-                 + offs_dg[None, :], mask=row_ok[:, None], other=0)
+    q = tl.load(
+        Q + b * stride_qb + h * stride_qh + qi[:, None] * stride_qs + offs_d[None, :],
+        mask=row_ok[:, None],
+        other=0.0,
+    )
+    qp = tl.load(
+        Qp + b * stride_qpb + h * stride_qph + qi[:, None] * stride_qps + offs_dp[None, :],
+        mask=row_ok[:, None],
+        other=0,
+    )
+    qs = tl.load(
+        Qs + b * stride_qsb + h * stride_qsh + qi[:, None] * stride_qss + offs_dg[None, :],
+        mask=row_ok[:, None],
+        other=0,
+    )
+    q_fac = tl.full([BLOCK], 1.0, dtype=tl.float32)
     if FP4_MATH == "native":
-        q4 = q  # unused
+        q4 = q  # unused: dot_scaled reads qp/qs
+    elif FP4_MATH == "fp8":
+        q4, q_fac = _fp8_rows(_dequant_tile(qp, qs, BLOCK, D, G, FMT))
     else:
         q4 = _dequant_tile(qp, qs, BLOCK, D, G, FMT).to(tl.bfloat16)
 
@@ -83,17 +141,71 @@ def _thrift_prefill_kernel(
     nxt = tl.load(sel_row, mask=K_SEL > 0, other=-1)
     for j in range(0, n_full):
         acc, l_i, m_i = _fp4_tile(
-            acc, l_i, m_i, q4, qp, qs, kp_base, ks_base, vp_base, vs_base,
-            stride_kps, stride_kss, stride_vpd, stride_vsd, j * BLOCK, pos, Skv, qk_scale,
-            j != nxt, BLOCK, BLOCK, D, G, FMT, FP4_MATH, False, CAUSAL, DOT_FP32)
+            acc,
+            l_i,
+            m_i,
+            q4,
+            q_fac,
+            qp,
+            qs,
+            kp_base,
+            ks_base,
+            vp_base,
+            vs_base,
+            stride_kps,
+            stride_kss,
+            stride_vpd,
+            stride_vsd,
+            j * BLOCK,
+            pos,
+            Skv,
+            qk_scale,
+            j != nxt,
+            BLOCK,
+            BLOCK,
+            D,
+            G,
+            FMT,
+            FP4_MATH,
+            False,
+            CAUSAL,
+            DOT_FP32,
+        )
         ptr += (j == nxt).to(tl.int32)
         nxt = tl.load(sel_row + ptr, mask=ptr < K_SEL, other=-1)
     if n_full < n_iter:
         j = n_full
         acc, l_i, m_i = _fp4_tile(
-            acc, l_i, m_i, q4, qp, qs, kp_base, ks_base, vp_base, vs_base,
-            stride_kps, stride_kss, stride_vpd, stride_vsd, j * BLOCK, pos, Skv, qk_scale,
-            j != nxt, BLOCK, BLOCK, D, G, FMT, FP4_MATH, True, CAUSAL, DOT_FP32)
+            acc,
+            l_i,
+            m_i,
+            q4,
+            q_fac,
+            qp,
+            qs,
+            kp_base,
+            ks_base,
+            vp_base,
+            vs_base,
+            stride_kps,
+            stride_kss,
+            stride_vpd,
+            stride_vsd,
+            j * BLOCK,
+            pos,
+            Skv,
+            qk_scale,
+            j != nxt,
+            BLOCK,
+            BLOCK,
+            D,
+            G,
+            FMT,
+            FP4_MATH,
+            True,
+            CAUSAL,
+            DOT_FP32,
+        )
 
     # Loop B: the selected tiles in FP16. Rows with fewer candidates than K_SEL are -1 padded at
     # the end, so the first min(K_SEL, n_cand) entries are exactly the valid ones.
@@ -101,10 +213,28 @@ def _thrift_prefill_kernel(
     v_base = V + b * stride_kb + kvh * stride_kh
     for i in range(0, tl.minimum(K_SEL, n_cand)):
         j = tl.load(sel_row + i)
-        acc, l_i, m_i = _fp16_tile(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_ks,
-                                   j * BLOCK, pos, Skv, qk_scale, BLOCK, D, CAUSAL, DOT_FP32)
+        acc, l_i, m_i = _fp16_tile(
+            acc,
+            l_i,
+            m_i,
+            q,
+            k_base,
+            v_base,
+            stride_ks,
+            stride_ks,
+            j * BLOCK,
+            pos,
+            Skv,
+            qk_scale,
+            BLOCK,
+            D,
+            CAUSAL,
+            DOT_FP32,
+        )
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-    tl.store(Out + b * stride_ob + h * stride_oh + qi[:, None] * stride_os + offs_d[None, :],
-             out.to(Out.dtype.element_ty), mask=row_ok[:, None])
-
+    tl.store(
+        Out + b * stride_ob + h * stride_oh + qi[:, None] * stride_os + offs_d[None, :],
+        out.to(Out.dtype.element_ty),
+        mask=row_ok[:, None],
+    )

@@ -62,6 +62,18 @@ def _fp4_dot(
 
 
 @triton.jit
+def _fp8_rows(x):
+    """fp32 [R, C] -> (e4m3 [R, C], fp32 [R] factor) with x ~= e4m3 * factor; the factor is a
+    power of two per row putting the row's amax in (128, 256], so fp8 keeps 4 significant bits
+    over 14 binades below it. Used by bulk_math="fp8" (FP4 values times e4m3 scales need up to 6
+    significant bits: this rounding is the fp8 path's only extra error)."""
+    amax = tl.max(tl.abs(x), axis=1)
+    fac = _e8m0_value(_e8m0_ceil(amax)) / 256.0
+    fac = tl.where(amax > 0, fac, 1.0)
+    return (x / fac[:, None]).to(tl.float8e4nv), fac
+
+
+@triton.jit
 def _key_mask(offs_n, q_pos, Skv, CAUSAL: tl.constexpr):
     """[M, N] bool: key valid and (if causal) at or before the query's absolute position."""
     valid = (offs_n < Skv)[None, :]
@@ -100,6 +112,7 @@ def _fp4_tile(
     l_i,
     m_i,
     q4,
+    q_fac,
     qp,
     qs,
     kp_base,
@@ -125,8 +138,8 @@ def _fp4_tile(
     CAUSAL: tl.constexpr,
     DOT_FP32: tl.constexpr,
 ):
-    """One FP4 key tile. q4: bf16 [M, D] dequantised FP4 q (bf16 math); qp/qs: packed q and its
-    scales (native math). K is stored [Skv, D/2] per head; V transposed [D, S_pad/2], grouped
+    """One FP4 key tile. q4: dequantised FP4 q, bf16 [M, D] (bf16 math) or e4m3 with the row
+    factor q_fac [M] (fp8 math); qp/qs: packed q and its scales (native math). K is stored [Skv, D/2] per head; V transposed [D, S_pad/2], grouped
     along tokens. ``keep`` False turns the tile into a no-op (it is computed in FP16 instead)."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_dp = tl.arange(0, D // 2)
@@ -147,6 +160,9 @@ def _fp4_tile(
     vs = tl.load(vs_base + offs_d[:, None] * stride_vsd + offs_vg[None, :])
     if FP4_MATH == "native":
         s = _fp4_dot(qp, qs, kp, ks, BLOCK_M, BLOCK_N, D, G, FMT, DOT_FP32)
+    elif FP4_MATH == "fp8":
+        k8, k_fac = _fp8_rows(_dequant_tile(kp, ks, BLOCK_N, D, G, FMT))
+        s = _dot(q4, tl.trans(k8), DOT_FP32) * (q_fac[:, None] * k_fac[None, :])
     else:
         k4 = _dequant_tile(kp, ks, BLOCK_N, D, G, FMT).to(tl.bfloat16)
         s = _dot(q4, tl.trans(k4), DOT_FP32)
@@ -156,21 +172,31 @@ def _fp4_tile(
     s = tl.where(keep, s, float("-inf"))
     mt = tl.max(s, axis=1)
     p = tl.math.exp2(s - tl.where(mt == float("-inf"), 0.0, mt)[:, None])
-    vals, codes, stored = _quant_p(p, BLOCK_M, BLOCK_N, G, FMT)
-    if FP4_MATH == "native":
-        pv = _fp4_dot(
-            _pack(codes, BLOCK_M, BLOCK_N), stored, vp, vs, BLOCK_M, D, BLOCK_N, G, FMT, DOT_FP32
-        )
+    beta = tl.math.exp2(mt - tl.maximum(m_i, mt))
+    if FP4_MATH == "fp8":
+        # FP8 arithmetic: P in e4m3 (x256 to sit in the normal range) instead of FP4, V's FP4
+        # values rounded to e4m3 per channel. Not the FP4 semantics: an approximation.
+        p8 = (p * 256.0).to(tl.float8e4nv)
+        v8, v_fac = _fp8_rows(_dequant_tile(vp, vs, D, BLOCK_N, G, FMT))
+        pv = _dot(p8, tl.trans(v8), DOT_FP32) * (v_fac / 256.0)[None, :]
+        psum = tl.sum(p8.to(tl.float32), axis=1) / 256.0
     else:
-        v4 = _dequant_tile(vp, vs, D, BLOCK_N, G, FMT).to(tl.bfloat16)
-        pv = _dot(vals.to(tl.bfloat16), tl.trans(v4), DOT_FP32)
+        vals, codes, stored = _quant_p(p, BLOCK_M, BLOCK_N, G, FMT)
+        if FP4_MATH == "native":
+            pv = _fp4_dot(
+                _pack(codes, BLOCK_M, BLOCK_N), stored, vp, vs, BLOCK_M, D, BLOCK_N, G, FMT,
+                DOT_FP32,
+            )
+        else:
+            v4 = _dequant_tile(vp, vs, D, BLOCK_N, G, FMT).to(tl.bfloat16)
+            pv = _dot(vals.to(tl.bfloat16), tl.trans(v4), DOT_FP32)
+        psum = tl.sum(vals, axis=1)
+        if FMT == "nvfp4":
+            beta = beta / P_ROW_DIV
     m_new = tl.maximum(m_i, mt)
     alpha = tl.math.exp2(m_i - m_new)
-    beta = tl.math.exp2(mt - m_new)
-    if FMT == "nvfp4":
-        beta = beta / P_ROW_DIV
     acc = acc * alpha[:, None] + pv * beta[:, None]
-    l_i = l_i * alpha + tl.sum(vals, axis=1) * beta
+    l_i = l_i * alpha + psum * beta
     return acc, l_i, m_new
 
 

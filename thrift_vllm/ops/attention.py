@@ -61,12 +61,11 @@ def thrift_attention_triton(
     bulk_math: str = "bf16",
     sel: torch.Tensor | None = None,
     fp4: tuple[QuantizedTensor, QuantizedTensor, QuantizedTensor] | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """ThriftAttention on the Triton kernels. Shapes as ``thrift_vllm.attention``; ``sel``
     (int32 [B, Hq, n_q_blocks, k]) and ``fp4`` (from :func:`quantize_operands`) may be passed
-    precomputed, e.g. by benchmarks that time their parts."""
-    if bulk_math == "fp8":
-        raise NotImplementedError("bulk_math='fp8' is not implemented yet")
+    precomputed, e.g. by benchmarks that time their parts; ``out`` (like q) receives the result."""
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     B, Hq, Sq, D = q.shape
     Hkv, Skv = k.shape[1], k.shape[2]
@@ -96,9 +95,16 @@ def thrift_attention_triton(
     sel_strides = _strides(sel) if k_sel else (0, 0, 0)
     scale = (sm_scale if sm_scale is not None else D**-0.5) * LOG2E
     G = GROUP_SIZE[quant_format]
-    math_mode = "native" if bulk_math == "native" else "bf16"
-    out = torch.empty_like(q)
-    common = dict(DOT_FP32=triton_interpreted(),GROUP=Hq // Hkv, BLOCK=block_size, D=D, G=G, FMT=quant_format, FP4_MATH=math_mode)
+    out = torch.empty_like(q) if out is None else out
+    common = dict(
+        DOT_FP32=triton_interpreted(),
+        GROUP=Hq // Hkv,
+        BLOCK=block_size,
+        D=D,
+        G=G,
+        FMT=quant_format,
+        FP4_MATH=bulk_math,
+    )
     if Sq > 1:
         _thrift_prefill_kernel[(grid.num_q_blocks, B * Hq)](
             q,

@@ -20,16 +20,14 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-
-from thrift_vllm.ops.attention import (  # noqa: E402
+from thrift_vllm.ops.attention import (
     decode_split_plan,
     quantize_operands,
     thrift_attention_triton,
 )
-from thrift_vllm.ops.select import select_blocks_triton  # noqa: E402
-from thrift_vllm.reference import thrift_attention_reference  # noqa: E402
-from thrift_vllm.selection import BlockGrid, budget_to_k, select_blocks_reference  # noqa: E402
+from thrift_vllm.ops.select import select_blocks_triton
+from thrift_vllm.reference import thrift_attention_reference
+from thrift_vllm.selection import BlockGrid, budget_to_k, select_blocks_reference
 
 DT = torch.bfloat16
 ROWS: list[dict] = []
@@ -119,7 +117,7 @@ def prefill(quick: bool):
         del ke, ve
         for fmt in ("nvfp4",):
             for f in (0.0, 0.05, 0.10, 0.25):
-                for mm in ("bf16",):
+                for mm in ("bf16", "fp8"):
                     a = kw(f, fmt, mm)
                     total = bench(lambda: thrift_attention_triton(q, k, v, **a), reps)  # noqa: B023
                     fp4 = quantize_operands(q, k, v, fmt, 64)

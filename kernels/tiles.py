@@ -21,8 +21,8 @@ from thrift_vllm.kernels.fp4 import (
 )
 
 # NVFP4 P: group scale e4m3(448 * amax) and a constant 1/2688 factor (thrift_vllm/reference.py).
-P_SCALE_MUL: tl.constexpr = 448.0
-P_ROW_DIV: tl.constexpr = 2688.0
+P_SCALE_MUL = tl.constexpr(448.0)
+P_ROW_DIV = tl.constexpr(2688.0)
 
 
 @triton.jit

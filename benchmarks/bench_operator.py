@@ -217,7 +217,9 @@ def error(quick: bool):
 def table() -> str:
     lines = []
     for r in ROWS:
-        if r["section"] == "prefill" and "ms" in r:
+        if "error" in r:
+            lines.append(f"{r['section']}: ERROR {r['error'][:150]}")
+        elif r["section"] == "prefill":
             lines.append(f"prefill S={r['S']:>6} {r['method']:<24} {r['ms']:9.2f} ms "
                          f"{r['tflops']:7.1f} TFLOP/s"
                          + (f"  quant+select {100 * r['overhead_share']:.1f}%"

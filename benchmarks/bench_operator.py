@@ -143,6 +143,25 @@ def prefill(quick: bool):
         torch.cuda.empty_cache()
 
 
+def tune(quick: bool):
+    """Prefill launch configurations at 32K (whole call, thrift 5 %)."""
+    S = 32768
+    q, k, v = rand(1, 32, S, 128, 4), rand(1, 8, S, 128, 5), rand(1, 8, S, 128, 6)
+    flops = 4 * S * S * 128 * 32 / 2
+    for mm in ("bf16", "fp8"):
+        for nw, ns in ((4, 2), (4, 3), (8, 2), (8, 3)):
+            a = kw(0.05, "nvfp4", mm)
+            try:
+                ms = bench(lambda: thrift_attention_triton(  # noqa: B023
+                    q, k, v, **a, launch={"num_warps": nw, "num_stages": ns}), 5)  # noqa: B023
+                ROWS.append(dict(section="tune", S=S, method=f"thrift_5%_{mm}_w{nw}_s{ns}",
+                                 ms=ms, tflops=flops / ms / 1e9))
+            except Exception as exc:
+                ROWS.append(dict(section="tune", method=f"{mm}_w{nw}_s{ns}",
+                                 error=repr(exc)[-300:]))
+            print(ROWS[-1], flush=True)
+
+
 def decode(quick: bool):
     ctxs = (8192, 32768) if quick else (8192, 32768, 131072)
     for S in ctxs:
@@ -219,7 +238,10 @@ def error(quick: bool):
 def table() -> str:
     lines = []
     for r in ROWS:
-        if "error" in r:
+        if r["section"] == "tune" and "ms" in r:
+            lines.append(f"tune    S={r['S']} {r['method']:<28} {r['ms']:8.2f} ms "
+                         f"{r['tflops']:6.1f} TFLOP/s")
+        elif "error" in r:
             lines.append(f"{r['section']}: ERROR {r['error'][:150]}")
         elif r["section"] == "prefill":
             lines.append(f"prefill S={r['S']:>6} {r['method']:<24} {r['ms']:9.2f} ms "

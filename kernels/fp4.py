@@ -94,6 +94,44 @@ def _dequant_tile(
 
 
 @triton.jit
+def _load_fp4(p_base, s_base, rows, cols, stride_p, stride_s, G: tl.constexpr,
+              FMT: tl.constexpr, mask):
+    """Load-and-decode FP4 values [R, C] (fp32) addressed per element: each byte and scale is
+    fetched once per element that uses it (the repeats hit L1), which avoids the layout
+    shuffles of unpack/reshape in the inner loops."""
+    byte = tl.load(p_base + rows[:, None] * stride_p + (cols[None, :] // 2), mask=mask, other=0)
+    code = (byte.to(tl.int32) >> ((cols[None, :] & 1) * 4)) & 0xF
+    sc = tl.load(s_base + rows[:, None] * stride_s + (cols[None, :] // G), mask=mask, other=0)
+    return _e2m1_value(code) * _scale_value(sc, FMT)
+
+
+@triton.jit
+def _dequantize_kernel(
+    data_ptr, scale_ptr, fac_ptr, out_ptr,
+    R, C,
+    stride_dp, stride_dr, stride_sp, stride_sr, stride_fp, stride_op, stride_or,
+    G: tl.constexpr, FMT: tl.constexpr, TO_FP8: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Decode packed FP4 [P, R, C/2] + scales to out [P, R, C]: bf16 (exact), or e4m3 divided
+    by a per-row power-of-two factor fac [P, R] (TO_FP8). Grid (cdiv(R, BLOCK_R), P,
+    cdiv(C, BLOCK_C))."""
+    pid_p = tl.program_id(1).to(tl.int64)
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask = (rows[:, None] < R) & (cols[None, :] < C)
+    x = _load_fp4(data_ptr + pid_p * stride_dp, scale_ptr + pid_p * stride_sp, rows, cols,
+                  stride_dr, stride_sr, G, FMT, mask)
+    if TO_FP8:
+        fac = tl.load(fac_ptr + pid_p * stride_fp + rows, mask=rows < R, other=1.0)
+        y = (x / fac[:, None]).to(tl.float8e4nv)
+    else:
+        y = x.to(tl.bfloat16)
+    tl.store(out_ptr + pid_p * stride_op + rows[:, None] * stride_or + cols[None, :], y,
+             mask=mask)
+
+
+@triton.jit
 def _quantize_kernel(
     x_ptr,
     data_ptr,

@@ -11,6 +11,7 @@ import triton.language as tl
 
 from thrift_vllm.kernels.fp4 import (
     _dequant_tile,
+    _load_fp4,
     _e2m1_code,
     _e2m1_value,
     _e8m0_ceil,
@@ -107,97 +108,121 @@ def _quant_p(p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, G: tl.constexpr, F
 
 
 @triton.jit
-def _fp4_tile(
-    acc,
-    l_i,
-    m_i,
-    q4,
-    q_fac,
-    qp,
-    qs,
-    kp_base,
-    ks_base,
-    vp_base,
-    vs_base,
-    stride_kpn,
-    stride_ksn,
-    stride_vpd,
-    stride_vsd,
-    start_n,
-    q_pos,
-    Skv,
-    qk_scale,
-    keep,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    D: tl.constexpr,
-    G: tl.constexpr,
-    FMT: tl.constexpr,
-    FP4_MATH: tl.constexpr,
-    MASKED: tl.constexpr,
-    CAUSAL: tl.constexpr,
-    DOT_FP32: tl.constexpr,
-):
-    """One FP4 key tile. q4: dequantised FP4 q, bf16 [M, D] (bf16 math) or e4m3 with the row
-    factor q_fac [M] (fp8 math); qp/qs: packed q and its scales (native math). K is stored [Skv, D/2] per head; V transposed [D, S_pad/2], grouped
-    along tokens. ``keep`` False turns the tile into a no-op (it is computed in FP16 instead)."""
-    offs_n = start_n + tl.arange(0, BLOCK_N)
-    offs_dp = tl.arange(0, D // 2)
-    offs_dg = tl.arange(0, D // G)
-    offs_d = tl.arange(0, D)
-    kp_ptrs = kp_base + offs_n[:, None] * stride_kpn + offs_dp[None, :]
-    ks_ptrs = ks_base + offs_n[:, None] * stride_ksn + offs_dg[None, :]
-    if MASKED:
-        kp = tl.load(kp_ptrs, mask=(offs_n < Skv)[:, None], other=0)
-        ks = tl.load(ks_ptrs, mask=(offs_n < Skv)[:, None], other=0)
-    else:
-        kp = tl.load(kp_ptrs)
-        ks = tl.load(ks_ptrs)
-    # V is padded to whole tiles in storage: no mask needed.
-    offs_vp = start_n // 2 + tl.arange(0, BLOCK_N // 2)
-    offs_vg = start_n // G + tl.arange(0, BLOCK_N // G)
-    vp = tl.load(vp_base + offs_d[:, None] * stride_vpd + offs_vp[None, :])
-    vs = tl.load(vs_base + offs_d[:, None] * stride_vsd + offs_vg[None, :])
-    if FP4_MATH == "native":
-        s = _fp4_dot(qp, qs, kp, ks, BLOCK_M, BLOCK_N, D, G, FMT, DOT_FP32)
-    elif FP4_MATH == "fp8":
-        k8, k_fac = _fp8_rows(_dequant_tile(kp, ks, BLOCK_N, D, G, FMT))
-        s = _dot(q4, tl.trans(k8), DOT_FP32) * (q_fac[:, None] * k_fac[None, :])
-    else:
-        k4 = _dequant_tile(kp, ks, BLOCK_N, D, G, FMT).to(tl.bfloat16)
-        s = _dot(q4, tl.trans(k4), DOT_FP32)
-    s = s * qk_scale
+def _fp4_softmax(s, m_i, offs_n, q_pos, Skv, keep, MASKED: tl.constexpr, CAUSAL: tl.constexpr):
+    """Scores s [M, N] (log2 domain) -> (p = exp2(s - tile row max), beta = exp2(mt - m_new),
+    alpha = exp2(m_i - m_new), m_new). Masked keys and dropped tiles (keep False) weigh 0."""
     if MASKED:
         s = tl.where(_key_mask(offs_n, q_pos, Skv, CAUSAL), s, float("-inf"))
     s = tl.where(keep, s, float("-inf"))
     mt = tl.max(s, axis=1)
     p = tl.math.exp2(s - tl.where(mt == float("-inf"), 0.0, mt)[:, None])
-    beta = tl.math.exp2(mt - tl.maximum(m_i, mt))
-    if FP4_MATH == "fp8":
-        # FP8 arithmetic: P in e4m3 (x256 to sit in the normal range) instead of FP4, V's FP4
-        # values rounded to e4m3 per channel. Not the FP4 semantics: an approximation.
+    m_new = tl.maximum(m_i, mt)
+    return p, tl.math.exp2(mt - m_new), tl.math.exp2(m_i - m_new), m_new
+
+
+@triton.jit
+def _fp4_pv(p, v, v_fac, beta, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, G: tl.constexpr,
+            FMT: tl.constexpr, FP8: tl.constexpr, DOT_FP32: tl.constexpr):
+    """P [M, N] times dequantised V^T tile v [D, N] (bf16, or e4m3 with per-channel factor
+    v_fac [D]) -> (pv [M, D], psum [M]), both already multiplied by beta.
+    bf16: P quantised to FP4 (the reference semantics). fp8: P in e4m3 (x256 to sit in the
+    normal range) -- FP8 arithmetic, an approximation of the FP4 semantics."""
+    if FP8:
         p8 = (p * 256.0).to(tl.float8e4nv)
-        v8, v_fac = _fp8_rows(_dequant_tile(vp, vs, D, BLOCK_N, G, FMT))
-        pv = _dot(p8, tl.trans(v8), DOT_FP32) * (v_fac / 256.0)[None, :]
+        pv = _dot(p8, tl.trans(v), DOT_FP32) * (v_fac / 256.0)[None, :]
         psum = tl.sum(p8.to(tl.float32), axis=1) / 256.0
     else:
         vals, codes, stored = _quant_p(p, BLOCK_M, BLOCK_N, G, FMT)
-        if FP4_MATH == "native":
-            pv = _fp4_dot(
-                _pack(codes, BLOCK_M, BLOCK_N), stored, vp, vs, BLOCK_M, D, BLOCK_N, G, FMT,
-                DOT_FP32,
-            )
-        else:
-            v4 = _dequant_tile(vp, vs, D, BLOCK_N, G, FMT).to(tl.bfloat16)
-            pv = _dot(vals.to(tl.bfloat16), tl.trans(v4), DOT_FP32)
+        pv = _dot(vals.to(tl.bfloat16), tl.trans(v), DOT_FP32)
         psum = tl.sum(vals, axis=1)
         if FMT == "nvfp4":
             beta = beta / P_ROW_DIV
-    m_new = tl.maximum(m_i, mt)
-    alpha = tl.math.exp2(m_i - m_new)
-    acc = acc * alpha[:, None] + pv * beta[:, None]
-    l_i = l_i * alpha + psum * beta
-    return acc, l_i, m_new
+    return pv * beta[:, None], psum * beta
+
+
+@triton.jit
+def _fp4_tile(
+    acc, l_i, m_i, q4, q_fac, qp, qs,
+    kp_base, ks_base, vp_base, vs_base, stride_kpn, stride_ksn, stride_vpd, stride_vsd,
+    start_n, q_pos, Skv, qk_scale, keep,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, G: tl.constexpr,
+    FMT: tl.constexpr, FP4_MATH: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+):
+    """One FP4 key tile read from packed storage (decode; prefill with native math).
+    q4: dequantised FP4 q, bf16 [M, D] (bf16 math) or e4m3 with row factors q_fac [M] (fp8
+    math); qp/qs: packed q and scale bytes (native math). K packed [Skv, D/2] per head, V packed
+    transposed [D, S_pad/2] (grouped along tokens, padded to whole tiles). ``keep`` False makes
+    the tile a no-op (it is computed in FP16 instead)."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D)
+    kmask = (offs_n < Skv)[:, None]
+    if FP4_MATH == "native":
+        offs_dp = tl.arange(0, D // 2)
+        offs_dg = tl.arange(0, D // G)
+        kp = tl.load(kp_base + offs_n[:, None] * stride_kpn + offs_dp[None, :], mask=kmask,
+                     other=0)
+        ks = tl.load(ks_base + offs_n[:, None] * stride_ksn + offs_dg[None, :], mask=kmask,
+                     other=0)
+        s = _fp4_dot(qp, qs, kp, ks, BLOCK_M, BLOCK_N, D, G, FMT, DOT_FP32) * qk_scale
+    else:
+        k = _load_fp4(kp_base, ks_base, offs_n, offs_d, stride_kpn, stride_ksn, G, FMT, kmask)
+        if FP4_MATH == "fp8":
+            k8, k_fac = _fp8_rows(k)
+            s = _dot(q4, tl.trans(k8), DOT_FP32) * ((q_fac * qk_scale)[:, None] * k_fac[None, :])
+        else:
+            s = _dot(q4, tl.trans(k.to(tl.bfloat16)), DOT_FP32) * qk_scale
+    p, beta, alpha, m_new = _fp4_softmax(s, m_i, offs_n, q_pos, Skv, keep, MASKED, CAUSAL)
+    if FP4_MATH == "native":
+        vp = tl.load(vp_base + offs_d[:, None] * stride_vpd
+                     + (start_n // 2 + tl.arange(0, BLOCK_N // 2))[None, :])
+        vs = tl.load(vs_base + offs_d[:, None] * stride_vsd
+                     + (start_n // G + tl.arange(0, BLOCK_N // G))[None, :])
+        vals, codes, stored = _quant_p(p, BLOCK_M, BLOCK_N, G, FMT)
+        pv = _fp4_dot(_pack(codes, BLOCK_M, BLOCK_N), stored, vp, vs, BLOCK_M, D, BLOCK_N, G,
+                      FMT, DOT_FP32)
+        if FMT == "nvfp4":
+            beta = beta / P_ROW_DIV
+        pv, psum = pv * beta[:, None], tl.sum(vals, axis=1) * beta
+    else:
+        vmask = (offs_d < D)[:, None]
+        vt = _load_fp4(vp_base, vs_base, offs_d, offs_n, stride_vpd, stride_vsd, G, FMT, vmask)
+        if FP4_MATH == "fp8":
+            v8, v_fac = _fp8_rows(vt)
+            pv, psum = _fp4_pv(p, v8, v_fac, beta, BLOCK_M, BLOCK_N, G, FMT, True, DOT_FP32)
+        else:
+            pv, psum = _fp4_pv(p, vt.to(tl.bfloat16), m_i, beta, BLOCK_M, BLOCK_N, G, FMT,
+                               False, DOT_FP32)
+    return acc * alpha[:, None] + pv, l_i * alpha + psum, m_new
+
+
+@triton.jit
+def _fp4_dense_tile(
+    acc, l_i, m_i, q4, qk_row, v_fac, k4_base, kf_base, v4_base, stride_k4n, stride_v4d,
+    start_n, q_pos, Skv, keep,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, G: tl.constexpr,
+    FMT: tl.constexpr, FP8: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+):
+    """One FP4 key tile from pre-dequantised copies (prefill on Hopper: decoding K and V once
+    per call instead of once per query tile). k4 [Skv, D] and v4 (transposed) [D, S_pad] are
+    bf16, or e4m3 with per-key factors kf [Skv] and per-channel factors v_fac [D]. qk_row [M]:
+    softmax scale (times q's fp8 row factor)."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D)
+    k_ptrs = k4_base + offs_n[:, None] * stride_k4n + offs_d[None, :]
+    if MASKED:
+        k = tl.load(k_ptrs, mask=(offs_n < Skv)[:, None], other=0.0)
+    else:
+        k = tl.load(k_ptrs)
+    s = _dot(q4, tl.trans(k), DOT_FP32) * qk_row[:, None]
+    if FP8:
+        kf = tl.load(kf_base + offs_n, mask=offs_n < Skv, other=1.0)
+        s = s * kf[None, :]
+    p, beta, alpha, m_new = _fp4_softmax(s, m_i, offs_n, q_pos, Skv, keep, MASKED, CAUSAL)
+    vt = tl.load(v4_base + offs_d[:, None] * stride_v4d + offs_n[None, :])
+    pv, psum = _fp4_pv(p, vt, v_fac, beta, BLOCK_M, BLOCK_N, G, FMT, FP8, DOT_FP32)
+    return acc * alpha[:, None] + pv, l_i * alpha + psum, m_new
 
 
 @triton.jit

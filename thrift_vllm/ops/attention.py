@@ -13,10 +13,11 @@ import triton
 from thrift_vllm.formats import GROUP_SIZE, QuantizedTensor
 from thrift_vllm.kernels.decode import _decode_reduce_kernel, _thrift_decode_kernel
 from thrift_vllm.kernels.prefill import _thrift_prefill_kernel
-from thrift_vllm.ops.quantize import quantize_fp4, triton_interpreted
+from thrift_vllm.ops.quantize import dequantize_fp4, quantize_fp4, triton_interpreted
 from thrift_vllm.selection import BlockGrid, budget_to_k
 
 LOG2E = 1.4426950408889634
+PREFILL_LAUNCH = {"num_warps": 4, "num_stages": 2}
 # Decode: enough (batch, KV head, split) programs to cover the H200's 132 SMs about twice.
 DECODE_TARGET_PROGRAMS = 264
 
@@ -62,10 +63,12 @@ def thrift_attention_triton(
     sel: torch.Tensor | None = None,
     fp4: tuple[QuantizedTensor, QuantizedTensor, QuantizedTensor] | None = None,
     out: torch.Tensor | None = None,
+    launch: dict | None = None,
 ) -> torch.Tensor:
     """ThriftAttention on the Triton kernels. Shapes as ``thrift_vllm.attention``; ``sel``
     (int32 [B, Hq, n_q_blocks, k]) and ``fp4`` (from :func:`quantize_operands`) may be passed
-    precomputed, e.g. by benchmarks that time their parts; ``out`` (like q) receives the result."""
+    precomputed, e.g. by benchmarks that time their parts; ``out`` (like q) receives the result; ``launch`` overrides the prefill kernel's
+    ``num_warps``/``num_stages`` (tuning sweeps)."""
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     B, Hq, Sq, D = q.shape
     Hkv, Skv = k.shape[1], k.shape[2]
@@ -106,41 +109,24 @@ def thrift_attention_triton(
         FP4_MATH=bulk_math,
     )
     if Sq > 1:
+        if bulk_math == "native":
+            k4, kf, v4, vf = kq.data, kq.data, vq.data, vq.data  # unused by the kernel
+        elif bulk_math == "fp8":
+            (k4, kf), (v4, vf) = dequantize_fp4(kq, True), dequantize_fp4(vq, True)
+        else:
+            k4, v4 = dequantize_fp4(kq), dequantize_fp4(vq)
+            kf, vf = k4, v4  # unused by the kernel
         _thrift_prefill_kernel[(grid.num_q_blocks, B * Hq)](
-            q,
-            k,
-            v,
-            qq.data,
-            _u8(qq.scales),
-            kq.data,
-            _u8(kq.scales),
-            vq.data,
-            _u8(vq.scales),
-            sel_arg,
-            out,
-            Sq,
-            Skv,
-            grid.num_kv_blocks,
-            grid.first_q_block,
-            grid.q_offset,
-            k_sel,
-            scale,
+            q, k, v, qq.data, _u8(qq.scales), kq.data, _u8(kq.scales), vq.data, _u8(vq.scales),
+            k4, kf, v4, vf, sel_arg, out,
+            Sq, Skv, grid.num_kv_blocks, grid.first_q_block, grid.q_offset, k_sel, scale,
             use_fp4,
-            *_strides(q),
-            *_strides(k),
-            *_strides(qq.data),
-            *_strides(qq.scales),
-            *_strides(kq.data),
-            *_strides(kq.scales),
-            *_strides(vq.data),
-            *_strides(vq.scales),
-            *sel_strides,
-            *_strides(out),
-            Hq=Hq,
-            CAUSAL=causal,
-            num_warps=4,
-            num_stages=2,
-            **common,
+            *_strides(q), *_strides(k),
+            *_strides(qq.data), *_strides(qq.scales), *_strides(kq.data),
+            *_strides(kq.scales), *_strides(vq.data), *_strides(vq.scales),
+            *_strides(k4), *_strides(kf, 2), *_strides(v4), *_strides(vf, 2),
+            *sel_strides, *_strides(out),
+            Hq=Hq, CAUSAL=causal, **(launch or PREFILL_LAUNCH), **common,
         )
         return out
     splits, per = decode_split_plan(B, Hkv, grid.num_kv_blocks)

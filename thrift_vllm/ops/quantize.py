@@ -8,7 +8,8 @@ import torch
 import triton
 
 from thrift_vllm.formats import QuantizedTensor, check_format
-from thrift_vllm.kernels.fp4 import _quantize_kernel
+from thrift_vllm.formats import scales_to_float
+from thrift_vllm.kernels.fp4 import _dequantize_kernel, _quantize_kernel
 
 
 def triton_interpreted() -> bool:
@@ -57,3 +58,39 @@ def quantize_fp4(
         data.view(*lead, R, cpad // 2), scales.view(*lead, R, cpad // group), quant_format, ax,
         tuple(x.shape), x.dtype,
     )
+
+
+def fp8_row_factors(qt: QuantizedTensor) -> torch.Tensor:
+    """Per-row power-of-two factors (fp32 ``[..., R]``) that put each stored row's largest FP4
+    value (6 * max scale) in (128, 256], for e4m3 copies: x ~= e4m3 * factor."""
+    amax = scales_to_float(qt.scales, qt.quant_format).amax(dim=-1) * 6.0
+    bits = amax.view(torch.int32)
+    exp = ((bits >> 23) & 0xFF) + ((bits & 0x7FFFFF) != 0).to(torch.int32)
+    fac = torch.exp2(exp.to(torch.float32) - 127.0 - 8.0)
+    return torch.where(amax > 0, fac, torch.ones_like(fac)).contiguous()
+
+
+def dequantize_fp4(qt: QuantizedTensor, to_fp8: bool = False):
+    """Decode a :class:`QuantizedTensor` in its stored layout (quantised axis last, padded) to
+    a dense bf16 tensor ``[..., R, C_pad]`` — exact: e2m1 times an e4m3/e8m0 scale fits bf16 — or,
+    with ``to_fp8``, to ``(float8_e4m3fn [..., R, C_pad], fac fp32 [..., R])`` with
+    ``x ~= e4m3 * fac``. The prefill kernels read these copies (FP4 is storage on Hopper)."""
+    *lead, R, half = qt.data.shape
+    C = half * 2
+    P = 1
+    for s in lead:
+        P *= s
+    data = qt.data.reshape(P, R, half)
+    scales = qt.scales.view(torch.uint8).reshape(P, R, -1)
+    dtype = torch.float8_e4m3fn if to_fp8 else torch.bfloat16
+    out = torch.empty(P, R, C, dtype=dtype, device=data.device)
+    fac = fp8_row_factors(qt).reshape(P, R) if to_fp8 else out.new_empty(1, dtype=torch.float32)
+    block_r, block_c = 32, 64
+    _dequantize_kernel[(triton.cdiv(R, block_r), P, triton.cdiv(C, block_c))](
+        data, scales, fac, out, R, C,
+        data.stride(0), data.stride(1), scales.stride(0), scales.stride(1),
+        fac.stride(0) if to_fp8 else 0, out.stride(0), out.stride(1),
+        G=qt.group_size, FMT=qt.quant_format, TO_FP8=to_fp8, BLOCK_R=block_r, BLOCK_C=block_c,
+    )
+    out = out.view(*lead, R, C)
+    return (out, fac.view(*lead, R)) if to_fp8 else out

@@ -89,7 +89,6 @@ def check(quick: bool):
                                  budget=f, rel_l2=e, max_abs=m, same_selection=same_sel, ok=ok))
                 print(f"check B{B} Hq{Hq}/{Hkv} Sq{Sq} Skv{Skv} {fmt} f={f}: rel {e:.2e} "
                       f"max {m:.2e} sel_equal={same_sel} {'OK' if ok else 'FAIL'}", flush=True)
-                del q, k, v, out, ref
                 torch.cuda.empty_cache()
 
 
@@ -114,7 +113,6 @@ def prefill(quick: bool):
             except RuntimeError as exc:
                 ROWS.append(dict(section="prefill", S=S, method=name, error=str(exc)[:200]))
             print(ROWS[-1], flush=True)
-        del ke, ve
         long = S > 65536  # 128K: whole-call timings at 0 and 5 % only, to fit one lease
         for fmt in ("nvfp4",):
             for f in (0.0, 0.05) if long else (0.0, 0.05, 0.10, 0.25):
@@ -139,7 +137,6 @@ def prefill(quick: bool):
                                      select_ms=t_sel, kernel_ms=t_kernel,
                                      overhead_share=(t_quant + t_sel) / total))
                     print(ROWS[-1], flush=True)
-        del q, k, v
         torch.cuda.empty_cache()
 
 
@@ -193,7 +190,6 @@ def decode(quick: bool):
                                  roofline_share=bytes_read / ms / 1e6 / 4300,
                                  splits=decode_split_plan(B, 8, grid.num_kv_blocks)[0]))
                 print(ROWS[-1], flush=True)
-            del q, k, v, fp4
             torch.cuda.empty_cache()
 
 

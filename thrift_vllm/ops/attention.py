@@ -17,7 +17,9 @@ from thrift_vllm.ops.quantize import dequantize_fp4, quantize_fp4, triton_interp
 from thrift_vllm.selection import BlockGrid, budget_to_k
 
 LOG2E = 1.4426950408889634
-PREFILL_LAUNCH = {"num_warps": 4, "num_stages": 2}
+PREFILL_LAUNCH = {"num_warps": 4, "num_stages": 3}
+# Decode FP4 unpacking: even/odd nibble halves with two half-depth dots (True) or interleave.
+DECODE_SPLIT_NIBBLES = True
 # Decode: enough (batch, KV head, split) programs to cover the H200's 132 SMs about twice.
 DECODE_TARGET_PROGRAMS = 264
 
@@ -64,6 +66,7 @@ def thrift_attention_triton(
     fp4: tuple[QuantizedTensor, QuantizedTensor, QuantizedTensor] | None = None,
     out: torch.Tensor | None = None,
     launch: dict | None = None,
+    decode_split_nibbles: bool | None = None,
 ) -> torch.Tensor:
     """ThriftAttention on the Triton kernels. Shapes as ``thrift_vllm.attention``; ``sel``
     (int32 [B, Hq, n_q_blocks, k]) and ``fp4`` (from :func:`quantize_operands`) may be passed
@@ -169,6 +172,8 @@ def thrift_attention_triton(
         Hkv=Hkv,
         BLOCK_H=max(16, triton.next_power_of_2(Hq // Hkv)),
         K_POW2=triton.next_power_of_2(max(k_sel, 1)),
+        SPLIT=(DECODE_SPLIT_NIBBLES if decode_split_nibbles is None else decode_split_nibbles)
+        and bulk_math != "native",
         num_warps=4,
         num_stages=2,
         **common,

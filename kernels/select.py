@@ -104,9 +104,9 @@ def _select_blocks_kernel(
     """Top-``K`` key blocks of one query-block row of one selection head.
 
     q ``[B, Hq, Sq, D]`` (fp16/bf16, any strides). Key summaries fp32 ``[B * Hkv, n_kv_blocks, D]``
-    (``mean``; ``min``/``max`` for quest; unused for local), any strides, block index fastest
-    preferred. Output int32
-    ``[B, Hq, n_q_blocks, K]``: ascending block indices, -1 padded.
+    (``mean``; ``min``/``max`` for quest; unused for local), any strides (block index fastest
+    gives coalesced loads). Output int32 ``[B, Hq, n_q_blocks, K]``: ascending block indices, -1
+    padded.
     Grid: ``(n_q_blocks, B * H_SEL)``. A selection head covers ``QG`` consecutive query heads: 1 in
     prefill; the whole GQA group (``QG == GROUP``) in decode, where the score is the max over the
     group's query heads and the same row is written for each of them. ``N_POW2`` >= 2 is the next

@@ -105,7 +105,7 @@ def prefill(quick: bool):
                          ("flash_sdpa_bf16", SDPBackend.FLASH_ATTENTION)):
             try:
                 with sdpa_kernel(be):
-                    fn = lambda: torch.nn.functional.scaled_dot_product_attention(  # noqa: B023
+                    fn = lambda: torch.nn.functional.scaled_dot_product_attention(
                         q, ke, ve, is_causal=True)
                     ms = bench(fn, reps)
                 ROWS.append(dict(section="prefill", S=S, method=name, ms=ms,
@@ -118,18 +118,18 @@ def prefill(quick: bool):
             for f in (0.0, 0.05) if long else (0.0, 0.05, 0.10, 0.25):
                 for mm in ("bf16", "fp8"):
                     a = kw(f, fmt, mm)
-                    total = bench(lambda: thrift_attention_triton(q, k, v, **a), reps)  # noqa: B023
+                    total = bench(lambda: thrift_attention_triton(q, k, v, **a), reps)
                     fp4 = quantize_operands(q, k, v, fmt, 64)
-                    t_quant = bench(lambda: quantize_operands(q, k, v, fmt, 64), reps)  # noqa: B023
+                    t_quant = bench(lambda: quantize_operands(q, k, v, fmt, 64), reps)
                     sel = select_blocks_triton(q, k, fp16_budget=f, selection="block_mean",
                                                block_size=64, causal=True) if f else None
-                    t_sel = bench(lambda: select_blocks_triton(  # noqa: B023
-                        q, k, fp16_budget=f, selection="block_mean", block_size=64,  # noqa: B023
+                    t_sel = bench(lambda: select_blocks_triton(
+                        q, k, fp16_budget=f, selection="block_mean", block_size=64,
                         causal=True), reps) if f else 0.0
                     if sel is None:
                         sel = torch.empty(1, 32, S // 64, 0, dtype=torch.int32, device="cuda")
                     t_kernel = float("nan") if long else bench(
-                        lambda: thrift_attention_triton(q, k, v, **a, sel=sel, fp4=fp4),  # noqa: B023
+                        lambda: thrift_attention_triton(q, k, v, **a, sel=sel, fp4=fp4),
                         reps)
                     name = "fp4" if f == 0 else f"thrift_{int(f * 100)}%"
                     ROWS.append(dict(section="prefill", S=S, method=f"{name}_{fmt}_{mm}",
@@ -149,8 +149,8 @@ def tune(quick: bool):
         for nw, ns in ((4, 2), (4, 3), (8, 2), (8, 3)):
             a = kw(0.05, "nvfp4", mm)
             try:
-                ms = bench(lambda: thrift_attention_triton(  # noqa: B023
-                    q, k, v, **a, launch={"num_warps": nw, "num_stages": ns}), 5)  # noqa: B023
+                ms = bench(lambda: thrift_attention_triton(
+                    q, k, v, **a, launch={"num_warps": nw, "num_stages": ns}), 5)
                 ROWS.append(dict(section="tune", S=S, method=f"thrift_5%_{mm}_w{nw}_s{ns}",
                                  ms=ms, tflops=flops / ms / 1e9))
             except Exception as exc:
@@ -174,10 +174,10 @@ def decode(quick: bool):
                                            block_size=64, causal=True) if f else torch.empty(
                     B, 32, 1, 0, dtype=torch.int32, device="cuda")
                 a = kw(f)
-                ms = bench(lambda: thrift_attention_triton(  # noqa: B023
-                    q, k, v, **a, sel=sel, fp4=fp4, decode_split_nibbles=split))  # noqa: B023
-                t_sel = bench(lambda: select_blocks_triton(  # noqa: B023
-                    q, k, fp16_budget=f, selection="block_mean", block_size=64,  # noqa: B023
+                ms = bench(lambda: thrift_attention_triton(
+                    q, k, v, **a, sel=sel, fp4=fp4, decode_split_nibbles=split))
+                t_sel = bench(lambda: select_blocks_triton(
+                    q, k, fp16_budget=f, selection="block_mean", block_size=64,
                     causal=True)) if 0 < f < 1 else 0.0
                 kk = budget_to_k(f, grid)
                 n_sel_tok = min(kk * 64, S)

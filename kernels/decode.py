@@ -8,7 +8,6 @@ kernel merges the splits. Selection is per KV head (one list for the group).
 
 import triton
 import triton.language as tl
-
 from thrift_vllm.kernels.fp4 import _dequant_tile
 from thrift_vllm.kernels.tiles import _even_odd, _fp4_tile, _fp8_rows, _fp16_tile
 

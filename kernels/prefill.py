@@ -14,7 +14,6 @@ the packed FP4 and scales straight into ``tl.dot_scaled``.
 
 import triton
 import triton.language as tl
-
 from thrift_vllm.kernels.fp4 import _load_fp4
 from thrift_vllm.kernels.tiles import _fp4_dense_tile, _fp4_tile, _fp8_rows, _fp16_tile
 
@@ -75,8 +74,6 @@ def _thrift_prefill_kernel(
     row_ok = (qi >= 0) & (qi < Sq)
     offs_d = tl.arange(0, D)
 
-    q = tl.load(Q + b * stride_qb + h * stride_qh + qi[:, None] * stride_qs + offs_d[None, :],
-                mask=row_ok[:, None], other=0.0)
     qp = tl.load(Qp + b * stride_qpb + h * stride_qph + qi[:, None] * stride_qps
                  + tl.arange(0, D // 2)[None, :], mask=row_ok[:, None], other=0)
     qs = tl.load(Qs + b * stride_qsb + h * stride_qsh + qi[:, None] * stride_qss
@@ -92,7 +89,7 @@ def _thrift_prefill_kernel(
     elif FP4_MATH == "bf16":
         q4 = q_f32.to(tl.bfloat16)
     else:
-        q4 = q  # unused: dot_scaled reads qp/qs
+        q4 = q_f32  # unused: dot_scaled reads qp/qs
         qk_row = tl.full([BLOCK], 1.0, dtype=tl.float32)  # _fp4_tile's q_fac slot
 
     kp_base = Kp + b * stride_kpb + kvh * stride_kph
@@ -137,8 +134,12 @@ def _thrift_prefill_kernel(
             stride_k4s, stride_v4d, n_full, pos, Skv, qk_scale, n_full != nxt,
             BLOCK, D, G, FMT, FP4_MATH, True, CAUSAL, DOT_FP32)
 
-    # Loop B: the selected tiles in FP16. Rows with fewer candidates than K_SEL are -1 padded at
-    # the end, so the first min(K_SEL, n_cand) entries are exactly the valid ones.
+    # Loop B: the selected tiles in FP16. q is loaded only now so that it does not hold
+    # registers through loop A.
+    q = tl.load(Q + b * stride_qb + h * stride_qh + qi[:, None] * stride_qs + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0)
+    # Rows with fewer candidates than K_SEL are -1 padded at the end, so the first
+    # min(K_SEL, n_cand) entries are exactly the valid ones.
     k_base = K + b * stride_kb + kvh * stride_kh
     v_base = V + b * stride_kb + kvh * stride_kh
     for i in range(0, tl.minimum(K_SEL, n_cand)):

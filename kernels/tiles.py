@@ -8,7 +8,6 @@ quantised per group of G keys, the tile's contribution rescaled by ``exp2(mt - m
 
 import triton
 import triton.language as tl
-
 from thrift_vllm.kernels.fp4 import (
     _dequant_tile,
     _e2m1_code,
@@ -84,12 +83,27 @@ def _key_mask(offs_n, q_pos, Skv, CAUSAL: tl.constexpr):
 
 
 @triton.jit
-def _quant_p(p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, G: tl.constexpr, FMT: tl.constexpr):
+def _e2m1_round(y):
+    """Non-negative fp32 (already divided by the scale) -> nearest e2m1 *value*, ties to even,
+    saturating at 6: the same result as _e2m1_value(_e2m1_code(y)) in fewer ops. Below 1 the
+    grid step is 0.5 (adding 2**22 rounds to it); from 1 on, e2m1 keeps one mantissa bit (an
+    integer round-to-nearest-even on the fp32 bits)."""
+    small = (y + 4194304.0) - 4194304.0
+    bits = y.to(tl.int32, bitcast=True)
+    big = ((bits + 0x1FFFFF + ((bits >> 22) & 1)) & -4194304).to(tl.float32, bitcast=True)
+    return tl.where(y < 1.0, small, tl.minimum(big, 6.0))
+
+
+@triton.jit
+def _quant_p(p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, G: tl.constexpr, FMT: tl.constexpr,
+             NEED_CODES: tl.constexpr = True):
     """Quantise weights p [M, N] (in [0, 1]) per G keys.
 
     Returns (vals, codes, stored): vals fp32 [M, N] = code value * group scale, *without* the
     constant NVFP4 1/2688 factor (so vals is exact in bf16), codes int32 [M, N], and the stored
-    group scale bytes [M, N/G] (uint8: e4m3 bits for nvfp4, exponents for mxfp4).
+    group scale bytes [M, N/G] (uint8: e4m3 bits for nvfp4, exponents for mxfp4). Without
+    NEED_CODES the values are rounded arithmetically (_e2m1_round, fewer ops) and no codes are
+    returned.
     """
     pg = tl.reshape(p, [BLOCK_M, BLOCK_N // G, G])
     amax = tl.max(pg, axis=2)
@@ -102,9 +116,15 @@ def _quant_p(p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, G: tl.constexpr, F
         gs = _e8m0_value(e)
         inv = tl.where(e > 0, _e8m0_value(tl.maximum(254 - e, 1)), 0.0)  # 2**(127 - e), exact
         stored = e.to(tl.uint8)
-    codes = _e2m1_code(pg * inv[:, :, None])
-    vals = _e2m1_value(codes) * gs[:, :, None]
-    return (tl.reshape(vals, [BLOCK_M, BLOCK_N]), tl.reshape(codes, [BLOCK_M, BLOCK_N]), stored)
+    y = pg * inv[:, :, None]
+    if NEED_CODES:
+        codes = _e2m1_code(y)
+        vals = _e2m1_value(codes) * gs[:, :, None]
+        codes = tl.reshape(codes, [BLOCK_M, BLOCK_N])
+    else:
+        vals = _e2m1_round(y) * gs[:, :, None]
+        codes = stored  # no codes needed (bf16 math): skip building them
+    return tl.reshape(vals, [BLOCK_M, BLOCK_N]), codes, stored
 
 
 @triton.jit
@@ -163,7 +183,7 @@ def _fp4_pv(p, v, v_fac, beta, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, G: 
         pv = _dot(p8, tl.trans(v), DOT_FP32) * (v_fac / 256.0)[None, :]
         psum = tl.sum(p8.to(tl.float32), axis=1) / 256.0
     else:
-        vals, codes, stored = _quant_p(p, BLOCK_M, BLOCK_N, G, FMT)
+        vals, _, _ = _quant_p(p, BLOCK_M, BLOCK_N, G, FMT, False)
         pv = _dot(vals.to(tl.bfloat16), tl.trans(v), DOT_FP32)
         psum = tl.sum(vals, axis=1)
         if FMT == "nvfp4":
@@ -245,7 +265,7 @@ def _fp4_tile(
             psum = (tl.sum(p_even.to(tl.float32), axis=1) + tl.sum(p_odd.to(tl.float32), axis=1))
             pv, psum = pv * (beta / 256.0)[:, None], psum * (beta / 256.0)
         else:
-            vals, codes, stored = _quant_p(p, BLOCK_M, BLOCK_N, G, FMT)
+            vals, _, _ = _quant_p(p, BLOCK_M, BLOCK_N, G, FMT, False)
             p_even, p_odd = _even_odd(vals.to(tl.bfloat16), BLOCK_M, BLOCK_N)
             pv = _dot(p_even, tl.trans(v_even.to(tl.bfloat16)), DOT_FP32)
             pv += _dot(p_odd, tl.trans(v_odd.to(tl.bfloat16)), DOT_FP32)

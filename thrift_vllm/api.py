@@ -4,6 +4,7 @@ ops (CUDA tensors, or any tensor with ``impl="triton"``) or the PyTorch referenc
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -18,10 +19,11 @@ BLOCK_SIZES = (32, 64, 128)
 
 
 def _check_budget(fp16_budget: float) -> float:
-    try:
-        f = float(fp16_budget)
-    except (TypeError, ValueError):
-        raise ValueError(f"fp16_budget must be a number in [0, 1], got {fp16_budget!r}") from None
+    """``fp16_budget`` as a float in [0, 1]. Only real numbers are accepted (int, float, numpy
+    scalars): bools, strings such as "0.5", None and tensors raise ValueError."""
+    if isinstance(fp16_budget, bool) or not isinstance(fp16_budget, numbers.Real):
+        raise ValueError(f"fp16_budget must be a number in [0, 1], got {fp16_budget!r}")
+    f = float(fp16_budget)
     if math.isnan(f) or not 0.0 <= f <= 1.0:
         raise ValueError(f"fp16_budget must be in [0, 1], got {fp16_budget!r}")
     return f
@@ -114,7 +116,8 @@ def attention(
     q ``[B, Hq, Sq, D]``; k, v ``[B, Hkv, Skv, D]``; fp16 or bf16; returns ``[B, Hq, Sq, D]`` in
     q's dtype. ``Sq <= Skv``; the causal mask is bottom-right aligned (query i sees keys
     ``<= Skv - Sq + i``), so chunked prefill and decode (``Sq == 1``) are the same call.
-    ``method``: "thrift", "fp4" (no FP16 blocks, = budget 0) or "fp16" (exact, = budget 1).
+    ``method``: "thrift", "fp4" (no FP16 blocks, = budget 0) or "fp16" (exact, = budget 1);
+    ``fp16_budget`` must be a number in [0, 1] even when ``method`` overrides it.
     ``bulk_math`` (Triton path): "bf16" computes the FP4 blocks exactly (dequantised in
     registers), "fp8" on e4m3 tensor-core operands (Hopper's fast path, approximate: see the
     README), "native" through ``tl.dot_scaled`` (Blackwell block-scaled MMA). The numerics are
@@ -132,8 +135,8 @@ def attention(
         raise ValueError(f"bulk_math must be one of {BULK_MATHS}, got {bulk_math!r}")
     check_format(quant_format)
     check_selection(selection)
-    f = {"fp4": 0.0, "fp16": 1.0}.get(method, None)
-    f = _check_budget(fp16_budget) if f is None else f
+    f = _check_budget(fp16_budget)  # validated even when ``method`` overrides it
+    f = {"fp4": 0.0, "fp16": 1.0}.get(method, f)
     if sm_scale is not None and not (isinstance(sm_scale, (int, float)) and sm_scale > 0):
         raise ValueError(f"sm_scale must be a positive number, got {sm_scale!r}")
     if _use_triton(q, impl):

@@ -6,7 +6,8 @@ plus one scale per group of consecutive elements along the quantised axis:
 
 * ``nvfp4``: groups of 16, scale = e4m3(amax / 6), stored as ``torch.float8_e4m3fn``.
 * ``mxfp4``: groups of 32, scale = 2**ceil(log2(amax / 6)) (e8m0, rounded *up* so no value ever
-  clips), stored as the biased exponent byte in ``torch.uint8`` (the fp32 exponent bias, 127).
+  clips; at least 2**-126 for non-zero groups, see below), stored as the biased exponent byte in
+  ``torch.uint8`` (the fp32 exponent bias, 127).
 
 Rounding, saturation and special cases (the Triton kernels implement exactly these rules):
 
@@ -15,15 +16,26 @@ Rounding, saturation and special cases (the Triton kernels implement exactly the
   1.75 -> 2, 2.5 -> 2, 3.5 -> 4, 5 -> 4); magnitudes above 6 saturate to 6. Zero is always +0
   (code 0); negative values get the sign bit.
 * NVFP4 scales: amax / 6 is rounded to nearest-even e4m3 and saturates at 448, so groups with
-  amax > 2688 clip to +-2688. A group whose amax / 6 rounds to zero (amax < 6 * 2**-10, including
+  amax > 2688 clip to +-2688. A group whose amax / 6 rounds to zero (amax <= 6 * 2**-10: half the
+  smallest e4m3 subnormal 2**-9, and the tie rounds to zero, the even byte; this includes
   all-zero groups) has scale 0 and decodes to all zeros.
-* MXFP4 scales: an all-zero group stores exponent byte 0 (2**-127) and decodes to zeros.
+* MXFP4 scales: amax / 6 is computed in fp32 and the ceil rule is applied to its bits: the biased
+  exponent byte is that of the smallest power of two >= amax / 6 for *normal* fp32 values
+  (amax / 6 >= 2**-126), clamped to 254. A non-zero group whose amax / 6 is below 2**-126 (an
+  fp32 subnormal) gets exponent byte 1, i.e. scale 2**-126 (never byte 0, not 2**-127): the
+  subnormal rounds up to the smallest normal power of two. Byte 0 is reserved for all-zero
+  groups; it decodes to zeros (the kernels read byte 0 as scale 0; ``e8m0_to_float`` gives
+  2**-127, but every code of such a group is 0). The one exception is an fp32 input group with
+  0 < amax <= 3 * 2**-149 (three fp32 subnormal ulps; unreachable from fp16/bf16), whose
+  amax / 6 underflows to 0 in fp32: it also stores byte 0 and decodes to zeros, as every
+  element would round to 0 under scale 2**-126 anyway.
 * NaN or inf inputs raise ``ValueError`` in :func:`quantize` (checked on the host: one reduction).
 * The quantised axis is zero-padded up to a whole group; padding never raises a group's amax.
 """
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -44,6 +56,17 @@ def check_format(quant_format: str) -> int:
     if quant_format not in GROUP_SIZE:
         raise ValueError(f"quant_format must be one of {FORMATS}, got {quant_format!r}")
     return GROUP_SIZE[quant_format]
+
+
+def check_axis(axis: int) -> int:
+    """``axis`` as a Python int (ints and integer scalars such as numpy ints); raise ValueError
+    naming the value for anything else (floats such as 1.0, bools, strings, None)."""
+    if isinstance(axis, bool):
+        raise ValueError(f"axis must be an int, got {axis!r}")
+    try:
+        return operator.index(axis)
+    except TypeError:
+        raise ValueError(f"axis must be an int, got {axis!r}") from None
 
 
 @dataclass(frozen=True)
@@ -144,6 +167,8 @@ def quantize(x: torch.Tensor, quant_format: str = "nvfp4", axis: int = -1) -> Qu
     Returns a :class:`QuantizedTensor` whose ``data`` is uint8 ``[..., ceil(n / g) * g / 2]`` and
     ``scales`` ``[..., ceil(n / g)]`` with the quantised axis moved last (g = 16 for nvfp4, 32 for
     mxfp4). Rounding rules are in the module docstring. Plain PyTorch; runs on any device.
+    Raises ValueError for an unknown format, a non-float or 0-d ``x``, an ``axis`` that is not an
+    int or is out of range, and NaN / inf values (one host-side check).
     """
     group = check_format(quant_format)
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
@@ -151,6 +176,7 @@ def quantize(x: torch.Tensor, quant_format: str = "nvfp4", axis: int = -1) -> Qu
                          f"{'' if not isinstance(x, torch.Tensor) else ' of ' + str(x.dtype)}")
     if x.dim() == 0:
         raise ValueError("quantize expects at least one dimension, got a scalar")
+    axis = check_axis(axis)
     ax = axis % x.dim() if -x.dim() <= axis < x.dim() else None
     if ax is None:
         raise ValueError(f"axis {axis} out of range for a tensor of rank {x.dim()}")

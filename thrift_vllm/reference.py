@@ -19,6 +19,16 @@ keys), with ``s = sm_scale * q . k``:
 Because each FP4 tile is quantised against its own row max, the result does not depend on the
 order tiles are visited; an online-softmax kernel computes the same function up to fp32 rounding
 (and the rare e2m1 rounding tie that fp32 noise flips).
+
+Causality and FP4 V (by design: native block-scaled P @ V MMA needs V grouped along tokens).
+A V group is G = 16 (nvfp4) or 32 (mxfp4) consecutive tokens of one channel, aligned to token 0
+and hence to the tiles. The group holding query position ``t`` also holds the up to G - 1 later
+tokens ``t + 1 .. G * (t // G + 1) - 1``; they get no weight, but their values enter the group's
+per-channel scale. So when the row's *diagonal* tile is FP4, ``out_t`` can depend on values at
+those later positions (and on no others: earlier groups, and every FP4 tile before the diagonal,
+hold only tokens ``<= t``). Keys never leak (FP4 k is per token; P groups see masked zeros), and
+a diagonal tile computed in FP16 (selection "local", ``force_sink_recent=True`` with a positive
+budget, or budget 1 / method "fp16") removes the effect entirely.
 """
 
 from __future__ import annotations

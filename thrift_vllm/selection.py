@@ -2,9 +2,12 @@
 
 Blocks. Keys are cut into ``block_size`` blocks from key 0. Queries are cut by *absolute position*
 (query ``i`` of ``Sq`` sits at position ``Skv - Sq + i``, the bottom-right aligned causal
-convention), so query block ``r`` holds positions ``[r * bs, (r + 1) * bs)``; a chunked prefill
-or a decode step picks the blocks a full prefill would have picked for the same queries. The
-first query block of a chunk may be partial.
+convention), so query block ``r`` holds positions ``[r * bs, (r + 1) * bs)``. The first query
+block of a chunk may be partial. A chunked prefill reproduces the full prefill's selection for
+its queries only when the chunk is block-aligned (starts and ends on block boundaries, so its
+block-mean queries are the same) and the budget gives the same ``k`` on both grids (``k``
+depends on the candidate counts of the call). A decode step in general does not: it scores its
+one query, not the mean query of its block, and selects per KV head (below).
 
 Candidates. Causal: key blocks ``j <= r`` (the diagonal block is a candidate). Non-causal and
 decode (Sq == 1): every key block.
@@ -21,7 +24,10 @@ Scores. ``block_mean``: mean query of the block (fp32) dot mean key of each key 
 ``local``: the ``k`` most recent candidates. GQA: prefill selects per query head; decode
 (Sq == 1) selects per KV head with score = max over the group's query heads (the reference's
 rule), and every query head of the group gets that row. ``force_sink_recent`` gives the diagonal
-(most recent) block, then block 0, the first slots of the budget.
+(most recent) block, then block 0, the first slots of the budget. Only causal prefill rows have
+a diagonal block of their own (key block ``r`` for query block ``r``); for non-causal prefill
+it forces the *last* key block for every row, not the row's diagonal (for decode the last key
+block is the query's own block).
 """
 
 from __future__ import annotations
@@ -194,8 +200,11 @@ def select_blocks_reference(
         key = torch.where(valid, key, torch.full_like(key, float("-inf")))
     else:
         key = scores
-    top = key.topk(kk, dim=-1)
-    idx = torch.where(torch.isfinite(top.values), top.indices, torch.full_like(top.indices, -1))
+    # A stable descending sort rather than topk: equal scores (all-zero blocks) go to the
+    # smaller block index on every device, as the Triton kernel does.
+    vals, order = (key + 0.0).sort(dim=-1, descending=True, stable=True)  # + 0.0: -0 == +0
+    vals, order = vals[..., :kk], order[..., :kk]
+    idx = torch.where(torch.isfinite(vals), order, torch.full_like(order, -1))
     big = torch.iinfo(torch.int32).max
     idx = torch.where(idx < 0, big, idx).sort(dim=-1).values
     return torch.where(idx == big, -1, idx).to(torch.int32)

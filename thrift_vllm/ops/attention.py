@@ -17,7 +17,13 @@ from thrift_vllm.ops.quantize import dequantize_fp4, quantize_fp4, triton_interp
 from thrift_vllm.selection import BlockGrid, budget_to_k
 
 LOG2E = 1.4426950408889634
-PREFILL_LAUNCH = {"num_warps": 4, "num_stages": 3}
+# Prefill launch per bulk_math: H200 sweep at 32K (BENCHMARKS.md) for bf16/fp8; native from the
+# sm_120 AOT compile (8 warps avoid the register spills 4 warps show).
+PREFILL_LAUNCH = {
+    "bf16": {"num_warps": 4, "num_stages": 2},
+    "fp8": {"num_warps": 4, "num_stages": 3},
+    "native": {"num_warps": 8, "num_stages": 2},
+}
 # Decode FP4 unpacking: even/odd nibble halves with two half-depth dots (True) or interleave.
 DECODE_SPLIT_NIBBLES = True
 # Decode: enough (batch, KV head, split) programs to cover the H200's 132 SMs about twice.
@@ -70,8 +76,10 @@ def thrift_attention_triton(
 ) -> torch.Tensor:
     """ThriftAttention on the Triton kernels. Shapes as ``thrift_vllm.attention``; ``sel``
     (int32 [B, Hq, n_q_blocks, k]) and ``fp4`` (from :func:`quantize_operands`) may be passed
-    precomputed, e.g. by benchmarks that time their parts; ``out`` (like q) receives the result; ``launch`` overrides the prefill kernel's
-    ``num_warps``/``num_stages`` (tuning sweeps)."""
+    precomputed, e.g. by benchmarks that time their parts; ``out`` (like q) receives the result;
+    ``launch`` overrides the prefill kernel's ``num_warps``/``num_stages`` (tuning sweeps);
+    ``decode_split_nibbles`` picks the decode kernel's FP4 unpacking (default
+    ``DECODE_SPLIT_NIBBLES``)."""
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     B, Hq, Sq, D = q.shape
     Hkv, Skv = k.shape[1], k.shape[2]
@@ -129,7 +137,7 @@ def thrift_attention_triton(
             *_strides(kq.scales), *_strides(vq.data), *_strides(vq.scales),
             *_strides(k4), *_strides(kf, 2), *_strides(v4), *_strides(vf, 2),
             *sel_strides, *_strides(out),
-            Hq=Hq, CAUSAL=causal, **(launch or PREFILL_LAUNCH), **common,
+            Hq=Hq, CAUSAL=causal, **(launch or PREFILL_LAUNCH[bulk_math]), **common,
         )
         return out
     splits, per = decode_split_plan(B, Hkv, grid.num_kv_blocks)

@@ -7,8 +7,7 @@ import os
 import torch
 import triton
 
-from thrift_vllm.formats import QuantizedTensor, check_format
-from thrift_vllm.formats import scales_to_float
+from thrift_vllm.formats import QuantizedTensor, check_axis, check_format, scales_to_float
 from thrift_vllm.kernels.fp4 import _dequantize_kernel, _quantize_kernel
 
 
@@ -26,10 +25,20 @@ def quantize_fp4(
     Output layout as :func:`thrift_vllm.formats.quantize`: the quantised axis moved last and padded
     with zeros to a multiple of ``pad_to`` (default: the group size; must be a multiple of it).
     ``x`` is read through its strides; no copy is made for ``axis != -1``.
+
+    Validation matches ``quantize`` (unknown format, non-float input, an ``axis`` that is not an
+    int or is out of range raise ValueError) except for values: NaN / inf inputs are *not*
+    checked on this path (the check would force a host sync on GPU); their codes and scales are
+    unspecified. Callers that need the check use the public :func:`thrift_vllm.formats.quantize`.
     """
     group = check_format(quant_format)
-    if x.dim() < 2 or not x.is_floating_point():
-        raise ValueError(f"quantize_fp4 expects a float tensor of rank >= 2, got {tuple(x.shape)}")
+    if not isinstance(x, torch.Tensor) or x.dim() < 2 or not x.is_floating_point():
+        got = (f"{tuple(x.shape)} {x.dtype}" if isinstance(x, torch.Tensor)
+               else type(x).__name__)
+        raise ValueError(f"quantize_fp4 expects a float tensor of rank >= 2, got {got}")
+    axis = check_axis(axis)
+    if not -x.dim() <= axis < x.dim():
+        raise ValueError(f"axis {axis} out of range for a tensor of rank {x.dim()}")
     ax = axis % x.dim()
     pad_to = pad_to or group
     if pad_to % group:

@@ -64,6 +64,34 @@ def kw(f, fmt="nvfp4", math_mode="bf16"):
                 block_size=64, sm_scale=None, bulk_math=math_mode)
 
 
+def check_native(quick: bool):
+    """MXFP4 through tl.dot_scaled compiled for the GPU at hand (on sm90 Triton decomposes it to
+    bf16 MMAs): proves the packed operand and scale layouts on real compiled code."""
+    for B, Hq, Hkv, Sq, Skv in ((1, 8, 2, 4096, 4096), (2, 8, 1, 1, 32768),
+                                (1, 8, 2, 256, 32768)):
+        for f in (0.0, 0.05):
+            q, k, v = rand(B, Hq, Sq, 128, 21), rand(B, Hkv, Skv, 128, 22), rand(B, Hkv, Skv,
+                                                                                128, 23)
+            sel = select_blocks_reference(q, k, fp16_budget=f, selection="block_mean",
+                                          block_size=64, causal=True)
+            out = torch.full_like(q, float("nan"))
+            try:
+                thrift_attention_triton(q, k, v, **kw(f, "mxfp4", "native"), sel=sel, out=out)
+                ref = thrift_attention_reference(q, k, v, sel, causal=True, quant_format="mxfp4",
+                                                 chunk_rows=64)
+                e, m = rel(out, ref)
+                ok = not torch.isnan(out).any().item() and e < 1e-2
+                ROWS.append(dict(section="check", B=B, Hq=Hq, Hkv=Hkv, Sq=Sq, Skv=Skv,
+                                 fmt="mxfp4-native", budget=f, rel_l2=e, max_abs=m, ok=ok))
+            except Exception as exc:
+                cause = exc
+                while cause.__cause__ is not None:
+                    cause = cause.__cause__
+                ROWS.append(dict(section="check", B=B, Sq=Sq, Skv=Skv, fmt="mxfp4-native",
+                                 budget=f, ok=False, error=str(cause)[-300:]))
+            print(ROWS[-1], flush=True)
+
+
 def check(quick: bool):
     cases = [(1, 8, 2, 4096, 4096), (2, 8, 1, 1, 32768), (1, 8, 2, 256, 32768),
              (1, 4, 1, 1000, 16384 + 37)]
@@ -237,7 +265,11 @@ def error(quick: bool):
 def table() -> str:
     lines = []
     for r in ROWS:
-        if r["section"] == "tune" and "ms" in r:
+        if r["section"] == "check" and r.get("fmt") == "mxfp4-native":
+            lines.append(f"native  Sq={r['Sq']} Skv={r['Skv']} f={r['budget']} "
+                         + (f"rel {r['rel_l2']:.2e} {'OK' if r['ok'] else 'FAIL'}"
+                            if "rel_l2" in r else f"ERROR {r.get('error', '')[:200]}"))
+        elif r["section"] == "tune" and "ms" in r:
             lines.append(f"tune    S={r['S']} {r['method']:<28} {r['ms']:8.2f} ms "
                          f"{r['tflops']:6.1f} TFLOP/s")
         elif "error" in r:

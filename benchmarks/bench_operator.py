@@ -262,6 +262,30 @@ def error(quick: bool):
                 print(ROWS[-1], flush=True)
 
 
+def ablation(quick: bool):
+    """force_sink_recent on/off (sink block 0 and the diagonal take the first budget slots)."""
+    S = 8192 if quick else 32768
+    for kind in ("random", "needles"):
+        q, k, v = rand(1, 8, S, 128, 10), rand(1, 2, S, 128, 11), rand(1, 2, S, 128, 12)
+        if kind == "needles":
+            g = torch.Generator(device="cuda").manual_seed(13)
+            pos = torch.randint(0, S // 2, (64,), device="cuda", generator=g)
+            qi = torch.randint(S // 2, S, (64,), device="cuda", generator=g)
+            k[:, :, pos] = (q[:, ::4, qi] * 3).to(DT)
+        exact = thrift_attention_triton(q, k, v, **kw(1.0))
+        base = rel(thrift_attention_triton(q, k, v, **kw(0.0)), exact)[0]
+        for f in (0.01, 0.05, 0.25):
+            for sel_name in ("block_mean", "quest"):
+                for force in (False, True):
+                    a = kw(f)
+                    a.update(selection=sel_name, force_sink_recent=force)
+                    e = rel(thrift_attention_triton(q, k, v, **a), exact)[0]
+                    ROWS.append(dict(section="ablation", inputs=kind, S=S, budget=f,
+                                     selection=sel_name, force_sink_recent=force, rel_l2=e,
+                                     fp4_error_removed=1 - e / base))
+                    print(ROWS[-1], flush=True)
+
+
 def table() -> str:
     lines = []
     for r in ROWS:
@@ -287,6 +311,10 @@ def table() -> str:
         elif r["section"] == "error":
             lines.append(f"error   {r['inputs']:<8} S={r['S']} f={r['budget']:<5} "
                          f"{r['selection']:<10} rel {r['rel_l2']:.4f} "
+                         f"removed {100 * r['fp4_error_removed']:.1f}%")
+        elif r["section"] == "ablation":
+            lines.append(f"ablate  {r['inputs']:<8} f={r['budget']:<5} {r['selection']:<10} "
+                         f"force={r['force_sink_recent']!s:<5} rel {r['rel_l2']:.4f} "
                          f"removed {100 * r['fp4_error_removed']:.1f}%")
         elif r["section"] == "v_axis":
             lines.append(f"v_axis  {r['v_axis']:<8} rel {r['rel_l2']:.4f}")

@@ -120,3 +120,11 @@ def test_decode_nibble_layouts_agree(math_mode):
     a = thrift_attention_triton(q, k, v, decode_split_nibbles=True, **common)
     b = thrift_attention_triton(q, k, v, decode_split_nibbles=False, **common)
     assert _rel(a, b) < (2e-3 if math_mode == "bf16" else 5e-2)
+
+
+@pytest.mark.parametrize("Sq,Skv", [(70, 130), (1, 100)])
+def test_head_dim_256(Sq, Skv):
+    """D = 256 (accepted by the API) through the prefill and decode kernels."""
+    q, k, v = _inputs(1, 2, 1, Sq, Skv, 256, torch.bfloat16, seed=13)
+    out, ref = _run(q, k, v, causal=True, f=0.3, fmt="nvfp4", math_mode="bf16")
+    assert _rel(out, ref) < TOL[torch.bfloat16]

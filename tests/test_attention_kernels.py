@@ -128,3 +128,25 @@ def test_head_dim_256(Sq, Skv):
     q, k, v = _inputs(1, 2, 1, Sq, Skv, 256, torch.bfloat16, seed=13)
     out, ref = _run(q, k, v, causal=True, f=0.3, fmt="nvfp4", math_mode="bf16")
     assert _rel(out, ref) < TOL[torch.bfloat16]
+
+
+@pytest.mark.parametrize("block_size,math_mode,fmt", [(32, "bf16", "mxfp4"), (128, "bf16", "nvfp4"),
+                                                      (128, "native", "nvfp4"),
+                                                      (32, "fp8", "nvfp4")])
+@pytest.mark.parametrize("Sq", [1, 90])
+def test_block_sizes(block_size, math_mode, fmt, Sq):
+    """Block (selection unit = tile) 32 and 128; 128 is what sm_100's native MMA needs."""
+    q, k, v = _inputs(1, 4, 2, Sq, 300, 64, torch.float16, seed=17)
+    sel = select_blocks_reference(q, k, fp16_budget=0.2, selection="quest", block_size=block_size,
+                                  causal=True)
+    out = torch.full_like(q, float("nan"))
+    thrift_attention_triton(q, k, v, causal=True, fp16_budget=0.2, selection="quest",
+                            quant_format=fmt, block_size=block_size, sm_scale=None,
+                            bulk_math=math_mode, sel=sel, out=out)
+    ref = thrift_attention_reference(q, k, v, sel, causal=True, quant_format=fmt,
+                                     block_size=block_size)
+    if math_mode == "fp8":
+        exact = _exact_attention(q, k, v, True, None)
+        assert _rel(out, exact) <= 1.1 * _rel(ref, exact) + 1e-3
+    else:
+        assert _rel(out, ref) < TOL[torch.float16]

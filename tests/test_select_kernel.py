@@ -205,3 +205,20 @@ def test_non_finite_scores_are_not_candidates():
     qd = q[:, :, -1:].clone()
     qd[0, 1, 0, 3] = float("nan")  # one head of the decode group: the group max is NaN
     _check(qd, k, selection="quest", **kw)
+
+
+def test_precomputed_summaries_give_the_same_selection():
+    from thrift_vllm.ops.select import key_block_summaries
+
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 8, 1, 64, generator=g).half()
+    k = torch.randn(2, 2, 300, 64, generator=g).half()
+    for selection in ("block_mean", "quest"):
+        fresh = select_blocks_triton(q, k, fp16_budget=0.2, selection=selection, block_size=64,
+                                     causal=True)
+        kept = select_blocks_triton(q, k, fp16_budget=0.2, selection=selection, block_size=64,
+                                    causal=True, summaries=key_block_summaries(k, 64))
+        assert torch.equal(fresh, kept)
+    with pytest.raises(ValueError, match="summaries have shape"):
+        select_blocks_triton(q, k, fp16_budget=0.2, selection="block_mean", block_size=64,
+                             causal=True, summaries=key_block_summaries(k[:, :, :100], 64))

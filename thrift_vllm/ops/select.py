@@ -82,8 +82,13 @@ def select_blocks_triton(
     block_size: int,
     causal: bool,
     force_sink_recent: bool = False,
+    summaries: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None = None,
 ) -> torch.Tensor:
     """Triton :func:`thrift_vllm.select_blocks`: int32 ``[B, Hq, n_q_blocks, k]``.
+
+    ``summaries``: ``(mean, min, max)`` from :func:`key_block_summaries` over the same keys
+    (min/max may be None unless ``selection == "quest"``), e.g. kept from an earlier step in
+    decode; without it they are computed here, which reads every key once.
 
     q ``[B, Hq, Sq, D]``, k ``[B, Hkv, Skv, D]`` (fp16/bf16, any strides). Per (batch, query head,
     query block) the selected key-block indices in ascending order, -1 padded where a row has
@@ -109,7 +114,14 @@ def select_blocks_triton(
     if selection == "local":
         mean = kmin = kmax = out  # never read
     else:
-        mean, kmin, kmax = key_block_summaries(k, block_size, minmax=selection == "quest")
+        if summaries is None:
+            summaries = key_block_summaries(k, block_size, minmax=selection == "quest")
+        mean, kmin, kmax = summaries
+        if selection == "quest" and (kmin is None or kmax is None):
+            raise ValueError("selection='quest' needs min/max key summaries")
+        if mean.shape != (B * Hkv, nk, D):
+            raise ValueError(f"summaries have shape {tuple(mean.shape)}, expected "
+                             f"{(B * Hkv, nk, D)}")
         if kmin is None:
             kmin = kmax = mean  # never read
     n_pow2 = max(triton.next_power_of_2(nk), 2)  # tl.sort needs at least two elements

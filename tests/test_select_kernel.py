@@ -222,3 +222,13 @@ def test_precomputed_summaries_give_the_same_selection():
     with pytest.raises(ValueError, match="summaries have shape"):
         select_blocks_triton(q, k, fp16_budget=0.2, selection="block_mean", block_size=64,
                              causal=True, summaries=key_block_summaries(k[:, :, :100], 64))
+
+
+def test_rows_longer_than_the_sort_limit_are_refused():
+    from thrift_vllm.ops.select import MAX_KV_BLOCKS
+
+    q = torch.zeros(1, 1, 1, 64, dtype=torch.float16, device="meta")
+    k = torch.zeros(1, 1, 64 * MAX_KV_BLOCKS + 1, 64, dtype=torch.float16, device="meta")
+    with pytest.raises(ValueError, match="key blocks"):
+        select_blocks_triton(q, k, fp16_budget=0.05, selection="block_mean", block_size=64,
+                             causal=True)

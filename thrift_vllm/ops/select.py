@@ -10,6 +10,10 @@ from thrift_vllm.selection import BlockGrid, budget_to_k, check_selection
 
 # Elements of one [rows, BLOCK_D] register tile; the head-dim chunk is sized from it.
 _TILE = 4096
+# One program sorts a whole row of key blocks in registers. Rows up to 4096 blocks (256K tokens
+# at block 64) are what was compiled and checked on the H200; longer rows are refused rather
+# than risk a kernel that spills or does not compile.
+MAX_KV_BLOCKS = 4096
 
 
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, block_size: int) -> None:
@@ -103,6 +107,9 @@ def select_blocks_triton(
     grid_ = BlockGrid(Sq, Skv, block_size, causal)
     kk = budget_to_k(fp16_budget, grid_)
     nq, nk = grid_.num_q_blocks, grid_.num_kv_blocks
+    if nk > MAX_KV_BLOCKS:
+        raise ValueError(f"{nk} key blocks (Skv={Skv}, block_size={block_size}) exceed the "
+                         f"Triton selection's {MAX_KV_BLOCKS}; use a larger block_size")
     out = torch.empty(B, Hq, nq, kk, dtype=torch.int32, device=q.device)
     if kk == 0:
         return out

@@ -92,6 +92,26 @@ def check_native(quick: bool):
             print(ROWS[-1], flush=True)
 
 
+def check_decode(quick: bool):
+    """Decode kernel vs the reference (a short version of `check`, for decode-only changes)."""
+    for B, Hq, Hkv, Skv in ((2, 8, 1, 32768), (1, 8, 2, 131072), (3, 32, 8, 5000)):
+        for fmt in ("nvfp4", "mxfp4"):
+            for f in (0.0, 0.05):
+                q, k, v = rand(B, Hq, 1, 128, 31), rand(B, Hkv, Skv, 128, 32), rand(B, Hkv, Skv,
+                                                                                   128, 33)
+                sel = select_blocks_reference(q, k, fp16_budget=f, selection="block_mean",
+                                              block_size=64, causal=True)
+                out = torch.full_like(q, float("nan"))
+                thrift_attention_triton(q, k, v, **kw(f, fmt), sel=sel, out=out)
+                ref = thrift_attention_reference(q, k, v, sel, causal=True, quant_format=fmt)
+                e, m = rel(out, ref)
+                ok = not torch.isnan(out).any().item() and e < 1e-2
+                ROWS.append(dict(section="check", B=B, Hq=Hq, Hkv=Hkv, Sq=1, Skv=Skv, fmt=fmt,
+                                 budget=f, rel_l2=e, max_abs=m, ok=ok))
+                print(f"decode check B{B} {Hq}/{Hkv} Skv{Skv} {fmt} f={f}: rel {e:.2e} "
+                      f"{'OK' if ok else 'FAIL'}", flush=True)
+
+
 def check(quick: bool):
     cases = [(1, 8, 2, 4096, 4096), (2, 8, 1, 1, 32768), (1, 8, 2, 256, 32768),
              (1, 4, 1, 1000, 16384 + 37)]

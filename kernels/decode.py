@@ -8,7 +8,7 @@ kernel merges the splits. Selection is per KV head (one list for the group).
 
 import triton
 import triton.language as tl
-from thrift_vllm.kernels.fp4 import _dequant_tile
+from thrift_vllm.kernels.fp4 import _dequant_tile, _dequant_tile_mma
 from thrift_vllm.kernels.tiles import _even_odd, _fp4_tile, _fp8_rows, _fp16_tile
 
 
@@ -107,7 +107,7 @@ def _thrift_decode_kernel(
     elif FP4_MATH == "fp8":
         q4, q_fac = _fp8_rows(_dequant_tile(qp, qs, BLOCK_H, D, G, FMT))
     else:
-        q4 = _dequant_tile(qp, qs, BLOCK_H, D, G, FMT).to(tl.bfloat16)
+        q4 = _dequant_tile_mma(qp, qs, BLOCK_H, D, G, FMT, False)  # fp16 (NVFP4) / bf16
     if SPLIT:
         if FP4_MATH != "native":
             q4, qp = _even_odd(q4, BLOCK_H, D)

@@ -10,6 +10,7 @@ import triton
 import triton.language as tl
 from thrift_vllm.kernels.fp4 import (
     _dequant_tile,
+    _dequant_tile_mma,
     _e2m1_code,
     _e2m1_value,
     _e8m0_ceil,
@@ -139,6 +140,18 @@ def _load_dequant(p_base, s_base, rows, stride_p, stride_s, mask, R: tl.constexp
 
 
 @triton.jit
+def _load_dequant_mma(p_base, s_base, rows, stride_p, stride_s, mask, R: tl.constexpr,
+                      C: tl.constexpr, G: tl.constexpr, FMT: tl.constexpr, ASM: tl.constexpr):
+    """As _load_dequant, but decoded straight to the dot's operand type (fp16 for NVFP4, bf16
+    for MXFP4; exact either way), through the PTX nibble conversion when ASM."""
+    kp = tl.load(p_base + rows[:, None] * stride_p + tl.arange(0, C // 2)[None, :], mask=mask,
+                 other=0)
+    ks = tl.load(s_base + rows[:, None] * stride_s + tl.arange(0, C // G)[None, :], mask=mask,
+                 other=0)
+    return _dequant_tile_mma(kp, ks, R, C, G, FMT, ASM)
+
+
+@triton.jit
 def _load_halves(p_base, s_base, rows, col0, stride_p, stride_s, mask, C: tl.constexpr,
                  G: tl.constexpr, FMT: tl.constexpr):
     """Packed FP4 rows [R, C/2] decoded as two fp32 halves (even, odd columns) without any
@@ -184,7 +197,7 @@ def _fp4_pv(p, v, v_fac, beta, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, G: 
         psum = tl.sum(p8.to(tl.float32), axis=1) / 256.0
     else:
         vals, _, _ = _quant_p(p, BLOCK_M, BLOCK_N, G, FMT, False)
-        pv = _dot(vals.to(tl.bfloat16), tl.trans(v), DOT_FP32)
+        pv = _dot(vals.to(v.dtype), tl.trans(v), DOT_FP32)  # code * scale: exact in fp16/bf16
         psum = tl.sum(vals, axis=1)
         if FMT == "nvfp4":
             beta = beta / P_ROW_DIV
@@ -229,17 +242,19 @@ def _fp4_tile(
             s += _dot(qp, tl.trans(ko8), DOT_FP32) * ko_fac[None, :]
             s = s * (q_fac * qk_scale)[:, None]
         else:
-            s = _dot(q4, tl.trans(k_even.to(tl.bfloat16)), DOT_FP32)
-            s += _dot(qp, tl.trans(k_odd.to(tl.bfloat16)), DOT_FP32)
+            s = _dot(q4, tl.trans(k_even.to(q4.dtype)), DOT_FP32)
+            s += _dot(qp, tl.trans(k_odd.to(q4.dtype)), DOT_FP32)
             s = s * qk_scale
-    else:
+    elif FP4_MATH == "fp8":
         k = _load_dequant(kp_base, ks_base, offs_n, stride_kpn, stride_ksn, kmask, BLOCK_N, D,
                           G, FMT)
-        if FP4_MATH == "fp8":
-            k8, k_fac = _fp8_rows(k)
-            s = _dot(q4, tl.trans(k8), DOT_FP32) * ((q_fac * qk_scale)[:, None] * k_fac[None, :])
-        else:
-            s = _dot(q4, tl.trans(k.to(tl.bfloat16)), DOT_FP32) * qk_scale
+        k8, k_fac = _fp8_rows(k)
+        s = _dot(q4, tl.trans(k8), DOT_FP32) * ((q_fac * qk_scale)[:, None] * k_fac[None, :])
+    else:
+        # q4 is in the dot type too (fp16 for NVFP4, bf16 for MXFP4): exact FP4 values.
+        k16 = _load_dequant_mma(kp_base, ks_base, offs_n, stride_kpn, stride_ksn, kmask, BLOCK_N,
+                                D, G, FMT, not DOT_FP32)
+        s = _dot(q4, tl.trans(k16), DOT_FP32) * qk_scale
     p, beta, alpha, m_new = _fp4_softmax(s, m_i, offs_n, q_pos, Skv, keep, MASKED, CAUSAL)
     if FP4_MATH == "native":
         vp = tl.load(vp_base + offs_d[:, None] * stride_vpd
@@ -272,15 +287,16 @@ def _fp4_tile(
             if FMT == "nvfp4":
                 beta = beta / P_ROW_DIV
             pv, psum = pv * beta[:, None], tl.sum(vals, axis=1) * beta
-    else:
+    elif FP4_MATH == "fp8":
         vt = _load_dequant(vp_base + start_n // 2, vs_base + start_n // G, offs_d, stride_vpd,
                            stride_vsd, (offs_d < D)[:, None], D, BLOCK_N, G, FMT)
-        if FP4_MATH == "fp8":
-            v8, v_fac = _fp8_rows(vt)
-            pv, psum = _fp4_pv(p, v8, v_fac, beta, BLOCK_M, BLOCK_N, G, FMT, True, DOT_FP32)
-        else:
-            pv, psum = _fp4_pv(p, vt.to(tl.bfloat16), m_i, beta, BLOCK_M, BLOCK_N, G, FMT,
-                               False, DOT_FP32)
+        v8, v_fac = _fp8_rows(vt)
+        pv, psum = _fp4_pv(p, v8, v_fac, beta, BLOCK_M, BLOCK_N, G, FMT, True, DOT_FP32)
+    else:
+        vt = _load_dequant_mma(vp_base + start_n // 2, vs_base + start_n // G, offs_d,
+                               stride_vpd, stride_vsd, (offs_d < D)[:, None], D, BLOCK_N, G,
+                               FMT, not DOT_FP32)
+        pv, psum = _fp4_pv(p, vt, m_i, beta, BLOCK_M, BLOCK_N, G, FMT, False, DOT_FP32)
     return acc * alpha[:, None] + pv, l_i * alpha + psum, m_new
 
 

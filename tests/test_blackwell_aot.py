@@ -103,6 +103,9 @@ NATIVE_CASES = [
 ]
 
 HOPPER_CFG = AotConfig(kernel="prefill", fmt="nvfp4", arch=90, fp4_math="bf16", block=64)
+# Decode on sm_90 with bf16 inputs: the FP4 tiles decode through inline PTX to fp16 operands.
+HOPPER_DECODE_CFG = AotConfig(kernel="decode", fmt="nvfp4", arch=90, fp4_math="bf16",
+                              dtype="bf16")
 
 
 def _selected_configs(request) -> list[AotConfig]:
@@ -116,6 +119,8 @@ def _selected_configs(request) -> list[AotConfig]:
             out.append(cs.params["cfg"])
         elif item.name == test_hopper_bf16_path_uses_wgmma.__name__:
             out.append(HOPPER_CFG)
+        elif item.name == test_hopper_decode_uses_fp16_mma_for_fp4.__name__:
+            out.append(HOPPER_DECODE_CFG)
     return list(dict.fromkeys(out))
 
 
@@ -217,3 +222,12 @@ def test_hopper_bf16_path_uses_wgmma(aot_results):
     bf16 = [op for op in res["sass_mma"] if re.match(r"^HGMMA\.64x\d+x16\.F32\.BF16$", op)]
     assert bf16, f"no bf16 HGMMA in SASS: {sorted(res['sass_mma'])}"
     assert all(op.startswith("HGMMA.") for op in res["sass_mma"]), sorted(res["sass_mma"])
+
+
+def test_hopper_decode_uses_fp16_mma_for_fp4(aot_results):
+    """The decode kernel's inline-PTX FP4 conversion compiles for sm_90 and its NVFP4 tiles run
+    fp16 MMAs (exact for e2m1 x e4m3), beside the bf16 MMAs of the FP16 tiles (bf16 inputs)."""
+    res = _compiled(aot_results, HOPPER_DECODE_CFG)
+    assert res["target"] == "sm_90a"
+    assert "HMMA.16816.F32" in res["sass_mma"], sorted(res["sass_mma"])
+    assert "HMMA.16816.F32.BF16" in res["sass_mma"], sorted(res["sass_mma"])

@@ -1,0 +1,240 @@
+"""Quality harness, embedded-model tooling and training loop (CPU, tiny sizes)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("tokenizers")
+pytest.importorskip("safetensors")
+
+from thrift_vllm.quality import data as qdata
+from thrift_vllm.quality import harness
+from thrift_vllm.quality import model as qmodel
+
+TINY = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
+            num_key_value_heads=1, head_dim=64)
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    return qdata.load_corpus()
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A tiny random model exported in fp32 (so the comparisons test the attention only).
+    The initialiser is widened so that attention is far from uniform."""
+    out = tmp_path_factory.mktemp("tiny_model")
+    m = qmodel.make_model(qmodel.make_config(initializer_range=0.2, **TINY), seed=1)
+    qmodel.export(m, out, dtype="float32")
+    return str(out)
+
+
+def test_import_is_light():
+    import thrift_vllm.quality  # noqa: F401
+
+
+def test_tokenizer_round_trip(tmp_path):
+    from transformers import AutoTokenizer
+
+    tok = qmodel.build_tokenizer()
+    rng = np.random.default_rng(0)
+    texts = ["", "hello", " leading and trailing  ", "tabs\tand\nnewlines\r\n", "é日本語🎉"]
+    for _ in range(30):
+        cps = rng.integers(1, 0x10FFFF, size=int(rng.integers(1, 40)))
+        texts.append("".join(chr(c) for c in cps if not 0xD800 <= c <= 0xDFFF))
+    qmodel.write_tokenizer(tmp_path)
+    hf = AutoTokenizer.from_pretrained(str(tmp_path))
+    for t in texts:
+        ids = tok.encode(t, add_special_tokens=False).ids
+        assert ids == list(t.encode("utf-8")) == qmodel.encode(t)
+        assert tok.decode(ids) == t
+        assert hf(t, add_special_tokens=False)["input_ids"] == ids
+        assert hf.decode(ids) == t
+    assert (hf.bos_token_id, hf.eos_token_id, hf.pad_token_id) == (256, 257, 258)
+    # the special tokens' literal strings parse as specials (as in any HF tokenizer)
+    ids = tok.encode("<bos>a<eos>", add_special_tokens=False).ids
+    assert ids == [256, 97, 257] and tok.decode(ids, skip_special_tokens=False) == "<bos>a<eos>"
+    chat = hf.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
+                                  add_generation_prompt=True)
+    assert chat == "<bos><|user|>\nhi\n<|assistant|>\n"
+
+
+def test_default_model_fits():
+    cfg = qmodel.make_config()
+    with torch.device("meta"):
+        from transformers import LlamaForCausalLM
+
+        m = LlamaForCausalLM(cfg)
+    n = qmodel.n_params(m)
+    assert 2 * n <= 20e6, n
+    assert cfg.num_key_value_heads < cfg.num_attention_heads and cfg.head_dim in (64, 128)
+    assert cfg.vocab_size % 64 == 0 and cfg.max_position_embeddings >= 32768
+    assert cfg.rope_parameters["rope_theta"] >= 500000
+
+
+def test_corpus_split(corpus):
+    assert set(corpus.heldout_files) <= set(qdata.HELDOUT_PATHS)
+    assert len(corpus.heldout_files) >= 40
+    assert not set(corpus.heldout_files) & set(corpus.train_files)
+    assert corpus.train.size > 5e6 and corpus.heldout.size > 5e5
+    w = qdata.heldout_windows(corpus.heldout, 1000, 3)
+    assert len(w) == 3 and all(len(x) == 1000 for x in w)
+
+
+@pytest.mark.parametrize("kind", qdata.TASK_KINDS)
+@pytest.mark.parametrize("length", [256, 2048])
+def test_tasks_deterministic(corpus, kind, length):
+    a = qdata.eval_tasks(kind, length, 5, corpus.heldout, seed=7)
+    b = qdata.eval_tasks(kind, length, 5, corpus.heldout, seed=7)
+    c = qdata.eval_tasks(kind, length, 5, corpus.heldout, seed=8)
+    assert [(t.prompt, t.answer) for t in a] == [(t.prompt, t.answer) for t in b]
+    assert [t.prompt for t in a] != [t.prompt for t in c]
+    for t in a:
+        assert len(t.text) <= length - 1 and len(t.text) > length // 2
+        assert t.answer and t.answer.isdigit()
+        body = t.prompt
+        if kind == "kv":
+            key = body[body.rindex(b"\n") + 1:-2]
+            assert key + b": " + t.answer + b"\n" in body
+        elif kind == "needle":
+            name = body[body.rindex(b" of ") + 4:-4]
+            assert b"of " + name + b" is " + t.answer + b"\n" in body
+        else:
+            var = body[body.rindex(b"print(") + 6:body.rindex(b")")]
+            # follow the chain back to the number
+            v, hops = var, 0
+            while not v.isdigit():
+                i = body.index(b"\n" + v + b" = ") + len(v) + 4
+                v = body[i:body.index(b"\n", i)]
+                hops += 1
+            assert v == t.answer and hops == 3
+        assert 0.0 <= t.depth <= 1.0
+    depths = [t.depth for t in a]
+    assert depths == sorted(depths) and depths[-1] - depths[0] > 0.5
+
+
+def test_training_sequence_deterministic(corpus):
+    mix = {"lm": 0.4, "kv": 0.25, "needle": 0.15, "var": 0.2}
+    s1 = qdata.training_sequence(np.random.default_rng([0, 3, 1]), 1024, corpus.train, mix)
+    s2 = qdata.training_sequence(np.random.default_rng([0, 3, 1]), 1024, corpus.train, mix)
+    assert s1.shape == (1024,) and (s1 == s2).all() and s1[0] == qdata.BOS
+    assert s1.max() < 259
+
+
+def _eager_nll(model_dir, windows):
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32,
+                                             attn_implementation="eager").eval()
+    out = []
+    with torch.inference_mode():
+        for w in windows:
+            ids = torch.tensor([[qdata.BOS, *w]])
+            logits = m(input_ids=ids).logits[0, :-1].float()
+            out.append(float(torch.nn.functional.cross_entropy(logits, ids[0, 1:])))
+    return out
+
+
+def test_harness_matches_eager_and_limits(tiny_dir, corpus):
+    model = harness.load_model(tiny_dir, "cpu")
+    windows = qdata.heldout_windows(corpus.heldout, 255, 2)
+    tasks = {"kv": qdata.eval_tasks("kv", 256, 2, corpus.heldout)}
+    ref = _eager_nll(tiny_dir, windows)
+
+    def run(cfg):
+        return harness.evaluate_config(model, cfg, 256, windows, tasks)
+
+    fp16 = run(harness.MethodConfig("fp16"))
+    for a, b in zip(fp16["nll"], ref, strict=True):
+        assert abs(a - b) <= 1e-3 * abs(b), (a, b)
+    fp4 = run(harness.MethodConfig("fp4", "nvfp4"))
+    assert fp4["nll"] != fp16["nll"]  # FP4 changes something
+    t1 = run(harness.MethodConfig("thrift", "nvfp4", 1.0, "quest"))
+    t0 = run(harness.MethodConfig("thrift", "nvfp4", 0.0, "quest"))
+    assert t1["nll"] == fp16["nll"] and t1["acc"] == fp16["acc"]
+    assert t0["nll"] == fp4["nll"] and t0["acc"] == fp4["acc"]
+    mid = run(harness.MethodConfig("thrift", "nvfp4", 0.25, "block_mean"))
+    assert all(math.isfinite(x) for x in mid["nll"])
+
+
+def test_bootstrap_recovery():
+    rng = np.random.default_rng(0)
+    fp4 = rng.normal(2.0, 0.1, 50)
+    fp16 = fp4 - 0.5
+    thr = fp4 - 0.25
+    r = harness.bootstrap_recovery(thr, fp4, fp16, higher_better=False)
+    assert abs(r["recovery"] - 0.5) < 1e-9 and r["ci95"][0] <= 0.5 <= r["ci95"][1]
+
+
+def _train(tmp, *extra):
+    from thrift_vllm.quality import train
+
+    args = ["--out", str(tmp), "--total-steps", "4", "--tokens-per-step", "512",
+            "--max-len", "256", "--curriculum", "0:128,0.5:256", "--warmup", "2",
+            "--log-every", "1", "--model", json.dumps(TINY), *extra]
+    return train.main(args)
+
+
+def test_train_resume_reproduces(tmp_path):
+    full = _train(tmp_path / "a", "--no-export")
+    _train(tmp_path / "b", "--max-steps", "2")
+    assert (tmp_path / "b" / "model" / "model.safetensors").exists()
+    part = _train(tmp_path / "b", "--resume", "--no-export")
+    la = [r[:2] for r in full["losses"]]
+    lb = [r[:2] for r in part["losses"]]
+    assert [s for s, _ in la] == [1, 2, 3, 4] and la == lb
+    assert part["finished"] and len(part["chunks"]) == 2
+    log = json.loads((tmp_path / "b" / "train_log.json").read_text())
+    assert log["config"]["total_steps"] == 4 and log["corpus"]["train_bytes"] > 0
+    with pytest.raises(SystemExit):  # changed schedule on resume
+        _train(tmp_path / "b", "--resume", "--lr", "1e-4")
+
+
+def test_quick_harness_cli(tiny_dir, tmp_path, capsys):
+    from thrift_vllm.quality.__main__ import main
+
+    out = tmp_path / "q"
+    doc = main(["--model", tiny_dir, "--out", str(out), "--quick", "--lengths", "256",
+                "--samples", "2", "--tasks", "kv,needle", "--bootstrap", "100"])
+    res = json.loads((out / "results.json").read_text())
+    assert res["summary"]["256"]["methods"]["fp16"]["nll"] > 0
+    names = set(res["results"]["256"])
+    assert {"fp16", "fp4/nvfp4/bf16", "thrift/nvfp4/bf16/quest+sr/5%"} <= names
+    rec = res["summary"]["256"]["methods"]["thrift/nvfp4/bf16/block_mean/50%"]
+    assert "recovery_nll" in rec and len(rec["recovery_nll"]["ci95"]) == 2
+    assert set(res["summary"]["256"]["methods"]["fp16"]["acc_by_depth"]) == {"0.1", "0.3"}
+    table = (out / "table.md").read_text()
+    assert "| fp16 |" in table and "recovery" in table
+    assert table.strip().splitlines()[-1] in capsys.readouterr().out
+    assert doc["complete"]
+    # a rerun resumes: nothing left to evaluate, same results
+    doc2 = main(["--model", tiny_dir, "--out", str(out), "--quick", "--lengths", "256",
+                 "--samples", "2", "--tasks", "kv,needle", "--bootstrap", "100"])
+    assert doc2["results"] == doc["results"]
+
+
+def test_pareto_plot(tmp_path):
+    pytest.importorskip("matplotlib")
+    cfgs = [harness.MethodConfig("fp16"), harness.MethodConfig("fp4"),
+            *(harness.MethodConfig("thrift", "nvfp4", b, "quest") for b in (0.05, 0.25))]
+    rng = np.random.default_rng(0)
+    fp4 = {"nll": list(2 + rng.random(8)), "nll_tail": [2.0] * 8, "acc": [0.0] * 8}
+    res = {"2048": {"fp16": {**fp4, "nll": [x - 0.2 for x in fp4["nll"]], "acc": [1.0] * 8},
+                    cfgs[1].name: fp4,
+                    cfgs[2].name: {**fp4, "nll": [x - 0.1 for x in fp4["nll"]]},
+                    cfgs[3].name: {**fp4, "nll": [x - 0.19 for x in fp4["nll"]],
+                                   "acc": [1.0] * 6 + [0.0] * 2}}}
+    summ = harness.summarize(res, cfgs, [2048], n_boot=50)
+    e = summ["2048"]["methods"][cfgs[3].name]
+    assert abs(e["recovery_nll"]["recovery"] - 0.95) < 1e-6
+    assert e["recovery_acc"]["recovery"] == 0.75
+    assert 0 < e["fp16_share"] < 0.3
+    assert harness.pareto_plot(summ, cfgs, tmp_path / "p.png")
+    assert (tmp_path / "p.png").stat().st_size > 1000

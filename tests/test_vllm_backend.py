@@ -1,0 +1,356 @@
+"""The vLLM attention backend (thrift_vllm.backend): config, plugin routing, paged K/V forward,
+per-request budgets, and end to end through ``vllm.LLM`` with a tiny Llama made on the fly.
+
+Tests that need vLLM skip (with the reason) when it is missing or ``import vllm`` fails. The
+end-to-end test runs the engines in a fresh interpreter (``tests/vllm_models.py``), since vLLM on
+CPU spawns processes; its working directory is a temporary one, so a stale
+``thrift_vllm.egg-info`` in the repository root cannot hide the installed entry points.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import thrift_vllm
+from thrift_vllm.backend.config import ThriftBackendConfig, _env_values
+from thrift_vllm.selection import BlockGrid, budget_to_k
+
+HERE = Path(__file__).resolve().parent
+
+
+@functools.cache
+def _vllm_import_error() -> str | None:
+    try:
+        import vllm  # noqa: F401
+    except Exception as e:  # e.g. CUDA torchvision: "operator torchvision::nms does not exist"
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+@pytest.fixture
+def vllm_ok():
+    err = _vllm_import_error()
+    if err is not None:
+        pytest.skip(f"import vllm failed: {err}")
+
+
+# --- config (no vLLM needed) -------------------------------------------------------------------
+
+def test_vllm_config_defaults_and_validation():
+    c = ThriftBackendConfig()
+    assert (c.fp16_budget, c.selection, c.quant_format, c.block_size, c.impl) == (
+        0.05, "block_mean", "nvfp4", 64, "torch")
+    assert ThriftBackendConfig(fp16_budget=1).fp16_budget == 1.0
+    for bad in (-0.1, 1.5, float("nan"), "0.5", None, True):
+        with pytest.raises(ValueError, match="fp16_budget"):
+            ThriftBackendConfig(fp16_budget=bad)
+    with pytest.raises(ValueError, match="selection"):
+        ThriftBackendConfig(selection="topk")
+    with pytest.raises(ValueError):
+        ThriftBackendConfig(quant_format="fp8")
+    with pytest.raises(ValueError, match="block_size"):
+        ThriftBackendConfig(block_size=48)
+    with pytest.raises(ValueError, match="impl"):
+        ThriftBackendConfig(impl="cuda")
+    with pytest.raises(ValueError, match="unknown thrift_vllm setting"):
+        ThriftBackendConfig.from_mapping({"budget": 0.1})
+
+
+def test_vllm_config_sources_env_then_additional_config(monkeypatch):
+    assert _env_values({"THRIFT_VLLM_FP16_BUDGET": "0.25", "THRIFT_VLLM_BLOCK_SIZE": "32"}) == {
+        "fp16_budget": 0.25, "block_size": 32}
+    with pytest.raises(ValueError, match="THRIFT_VLLM_FP16_BUDGET"):
+        _env_values({"THRIFT_VLLM_FP16_BUDGET": "lots"})
+    monkeypatch.setenv("THRIFT_VLLM_FP16_BUDGET", "0.25")
+    monkeypatch.setenv("THRIFT_VLLM_SELECTION", "quest")
+
+    class FakeVllmConfig:
+        def __init__(self, additional_config):
+            self.additional_config = additional_config
+
+    c = ThriftBackendConfig.from_vllm_config(FakeVllmConfig({"thrift_vllm": {"fp16_budget": 0.5}}))
+    assert (c.fp16_budget, c.selection) == (0.5, "quest")
+    assert ThriftBackendConfig.from_vllm_config(FakeVllmConfig({})).fp16_budget == 0.25
+
+
+# --- compat, plugin, selection on CPU ----------------------------------------------------------
+
+def test_vllm_compat_version_gate(vllm_ok):
+    from thrift_vllm.backend import compat
+
+    assert compat.parse_version("0.32.0+cpu") == (0, 32, 0)
+    assert compat.check_version("0.33.1") == (0, 33, 1)
+    for bad in ("0.26.0", "0.31.9", "0.34.0", "1.0.0"):
+        with pytest.raises(compat.UnsupportedVLLMError, match=r"supports vLLM 0\.32\.x to 0\.33"):
+            compat.check_version(bad)
+    with pytest.raises(compat.UnsupportedVLLMError, match="cannot parse"):
+        compat.check_version("dev")
+
+
+def test_vllm_plugin_survives_unsupported_vllm(monkeypatch):
+    """On an unsupported vLLM the entry point logs why and registers nothing (vLLM keeps
+    working without the flag)."""
+    import logging
+
+    from thrift_vllm.backend import plugin
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.ERROR)
+    handler.emit = records.append
+    logger = logging.getLogger("vllm")  # vLLM may have turned propagation off
+    logger.addHandler(handler)
+    import thrift_vllm.backend as pkg
+
+    monkeypatch.delattr(pkg, "compat", raising=False)
+    monkeypatch.setitem(sys.modules, "thrift_vllm.backend.compat", None)  # import -> ImportError
+    try:
+        plugin.register()
+    finally:
+        logger.removeHandler(handler)
+    assert any("CUSTOM not registered" in r.getMessage() for r in records)
+
+
+def _selector(**kw):
+    from vllm.v1.attention.selector import AttentionSelectorConfig
+
+    base = dict(head_size=64, dtype=torch.bfloat16, kv_cache_dtype="auto", block_size=None)
+    return AttentionSelectorConfig(**{**base, **kw})
+
+
+def test_vllm_plugin_registers_custom_and_routes_cpu(vllm_ok):
+    from vllm.platforms.cpu import CpuPlatform
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    from thrift_vllm.backend import plugin
+
+    plugin.register()
+    plugin.register()  # idempotent: one wrapper, same registration
+    custom = AttentionBackendEnum.CUSTOM
+    assert custom.get_path() == plugin.BACKEND_QUALNAME
+    assert custom.get_class().get_name() == "CUSTOM"
+    wrapped = CpuPlatform.get_attn_backend_cls
+    assert getattr(wrapped.__func__, "__wrapped__", None) is not None
+    assert not hasattr(wrapped.__func__.__wrapped__, "__wrapped__")
+
+    assert CpuPlatform.get_attn_backend_cls(custom, _selector()) == plugin.BACKEND_QUALNAME
+    stock = AttentionBackendEnum.CPU_ATTN.get_path()
+    assert CpuPlatform.get_attn_backend_cls(None, _selector()) == stock  # no flag: unchanged
+    assert CpuPlatform.get_attn_backend_cls(AttentionBackendEnum.CPU_ATTN, _selector()) == stock
+    for kw, reason in [({"has_sliding_window": True}, "sliding window"),
+                       ({"has_sink": True}, "sinks"),
+                       ({"head_size": 80}, "head_size"),
+                       ({"dtype": torch.float32}, "dtype"),
+                       ({"kv_cache_dtype": "fp8"}, "kv_cache_dtype"),
+                       ({"attn_type": "encoder_only"}, "attention type"),
+                       ({"use_non_causal": True}, "non-causal")]:
+        with pytest.raises(ValueError, match=reason):
+            CpuPlatform.get_attn_backend_cls(custom, _selector(**kw))
+
+
+def test_vllm_impl_rejects_unsupported_features(vllm_ok):
+    from thrift_vllm.backend.thrift_attn import ThriftAttentionImpl
+
+    for kw, reason in [({"sliding_window": 128}, "sliding window"),
+                       ({"alibi_slopes": [1.0] * 4}, "ALiBi"),
+                       ({"logits_soft_cap": 30.0}, "soft-capping"),
+                       ({"sinks": torch.zeros(4)}, "sinks"),
+                       ({"attn_type": "encoder"}, "attention type"),
+                       ({"kv_cache_dtype": "fp8"}, "kv_cache_dtype")]:
+        with pytest.raises(NotImplementedError, match=reason):
+            ThriftAttentionImpl(4, 64, 0.125, 2, **kw)
+
+
+# --- paged K/V: write through slot_mapping, gather per sequence, call the operator ---------------
+
+def _paged_case(dtype, page=32, Hq=4, Hkv=2, D=64, seed=0):
+    """Three sequences (prefill, chunked prefill, decode) in one mixed batch, pages shuffled."""
+    g = torch.Generator().manual_seed(seed)
+    seqs = [(70, 70), (20, 150), (1, 200)]  # (query len, seq len)
+    n_pages = sum(-(-skv // page) for _, skv in seqs) + 3
+    perm = torch.randperm(n_pages, generator=g)
+    max_pages = max(-(-skv // page) for _, skv in seqs)
+    block_table = torch.zeros(len(seqs), max_pages, dtype=torch.int32)
+    ks, vs, used = [], [], 0
+    for i, (_, skv) in enumerate(seqs):
+        n = -(-skv // page)
+        block_table[i, :n] = perm[used:used + n].to(torch.int32)
+        used += n
+        ks.append(torch.randn(Hkv, skv, D, generator=g).to(dtype))
+        vs.append(torch.randn(Hkv, skv, D, generator=g).to(dtype))
+    kv_cache = torch.zeros(n_pages, Hkv, page, 2 * D, dtype=dtype)
+    return seqs, block_table, ks, vs, kv_cache
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("budget", [0.0, 0.3, 1.0])
+def test_vllm_paged_forward_equals_operator(vllm_ok, dtype, budget):
+    from thrift_vllm.backend.thrift_attn import ThriftAttentionImpl, ThriftAttentionMetadata
+
+    page, Hq, Hkv, D = 32, 4, 2, 64
+    seqs, block_table, ks, vs, kv_cache = _paged_case(dtype, page, Hq, Hkv, D)
+    impl = ThriftAttentionImpl(Hq, D, D ** -0.5, Hkv)
+    # Context tokens first (as earlier steps would have), then this step's tokens + 2 padding.
+    for i, (sq, skv) in enumerate(seqs):
+        pos = torch.arange(skv - sq)
+        slots = block_table[i, pos // page].long() * page + pos % page
+        impl.do_kv_cache_update(None, ks[i][:, :skv - sq].transpose(0, 1),
+                                vs[i][:, :skv - sq].transpose(0, 1), kv_cache, slots)
+    new_k = torch.cat([ks[i][:, skv - sq:].transpose(0, 1) for i, (sq, skv) in enumerate(seqs)])
+    new_v = torch.cat([vs[i][:, skv - sq:].transpose(0, 1) for i, (sq, skv) in enumerate(seqs)])
+    slots = torch.cat([block_table[i, p // page].long() * page + p % page for i, p in
+                       enumerate(torch.arange(skv - sq, skv) for sq, skv in seqs)])
+    pad = 2
+    new_k = torch.cat([new_k, torch.full((pad, Hkv, D), 7.0, dtype=dtype)])
+    new_v = torch.cat([new_v, torch.full((pad, Hkv, D), 7.0, dtype=dtype)])
+    slots = torch.cat([slots, torch.full((pad,), -1)])
+    impl.do_kv_cache_update(None, new_k, new_v, kv_cache, slots)
+
+    T = sum(sq for sq, _ in seqs)
+    query = torch.randn(T + pad, Hq, D, generator=torch.Generator().manual_seed(1)).to(dtype)
+    qsl = [0]
+    for sq, _ in seqs:
+        qsl.append(qsl[-1] + sq)
+    md = ThriftAttentionMetadata(
+        num_actual_tokens=T, num_reqs=len(seqs), max_query_len=70, max_seq_len=200,
+        query_start_loc=torch.tensor(qsl, dtype=torch.int32),
+        seq_lens=torch.tensor([s for _, s in seqs], dtype=torch.int32), block_table=block_table,
+        slot_mapping=slots, query_start_loc_host=qsl, seq_lens_host=[s for _, s in seqs],
+        fp16_budgets=[budget] * len(seqs), num_fp16_blocks=[0] * len(seqs), page_size=page)
+    output = torch.full((T + pad, Hq, D), float("nan"), dtype=dtype)
+    impl.forward(None, query, None, None, kv_cache, md, output)
+    for i in range(len(seqs)):
+        ref = thrift_vllm.attention(
+            query[qsl[i]:qsl[i + 1]].transpose(0, 1)[None].contiguous(), ks[i][None],
+            vs[i][None], causal=True, fp16_budget=budget, sm_scale=D ** -0.5, impl="torch")
+        assert torch.equal(output[qsl[i]:qsl[i + 1]], ref[0].transpose(0, 1)), f"sequence {i}"
+    assert torch.isnan(output[T:]).all()  # padding rows untouched
+    assert impl.forward(None, query, None, None, kv_cache, None, output) is output  # profiling
+
+
+def test_vllm_builder_budget_to_k_per_sequence(vllm_ok):
+    """The builder's per-sequence k is the operator's rule on each sequence's own grid."""
+    from vllm.v1.attention.backend import CommonAttentionMetadata
+
+    from thrift_vllm.backend.thrift_attn import ThriftAttentionMetadataBuilder
+
+    b = object.__new__(ThriftAttentionMetadataBuilder)  # skip vLLM's config plumbing
+    b.config, b.page_size, b.per_request = ThriftBackendConfig(fp16_budget=0.25), 128, False
+    qsl = torch.tensor([0, 300, 301, 365], dtype=torch.int32)
+    seq_lens = torch.tensor([300, 900, 1000], dtype=torch.int32)
+    common = CommonAttentionMetadata(
+        query_start_loc=qsl, query_start_loc_cpu=qsl, seq_lens=seq_lens, num_reqs=3,
+        num_actual_tokens=365, max_query_len=300, max_seq_len=1000,
+        block_table_tensor=torch.zeros(3, 8, dtype=torch.int32),
+        slot_mapping=torch.zeros(365, dtype=torch.int64))
+    md = b.build(0, common)
+    assert md.query_start_loc_host == [0, 300, 301, 365] and md.seq_lens_host == [300, 900, 1000]
+    assert md.fp16_budgets == [0.25] * 3
+    assert md.num_fp16_blocks == [budget_to_k(0.25, BlockGrid(sq, skv, 64, True))
+                                  for sq, skv in [(300, 300), (1, 900), (64, 1000)]]
+
+
+def test_vllm_request_budget_rows_follow_batch_updates(vllm_ok):
+    from vllm import SamplingParams
+    from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality
+
+    from thrift_vllm.backend import request_budget as rb
+
+    def sp(b):
+        return SamplingParams(extra_args=None if b is None else {"fp16_budget": b})
+
+    proc = rb.FP16BudgetLogitsProcessor(None, torch.device("cpu"), False)
+    assert proc.is_argmax_invariant()
+    logits = torch.randn(2, 5)
+    assert proc.apply(logits) is logits
+    proc.update_state(BatchUpdate(3, removed=[], moved=[],
+                                  added=[(0, sp(0.5), [1], []), (1, sp(None), [1], []),
+                                         (2, sp(0.0), [1], [])]))
+    assert rb.budgets_for_rows(3, 0.05) == [0.5, 0.05, 0.0]
+    proc.update_state(BatchUpdate(3, removed=[0], added=[], moved=[
+        (2, 0, MoveDirectionality.UNIDIRECTIONAL)]))
+    assert rb.budgets_for_rows(2, 0.05) == [0.0, 0.05]
+    proc.update_state(BatchUpdate(2, removed=[], added=[(1, sp(1.0), [1], [])],
+                                  moved=[(0, 1, MoveDirectionality.SWAP)]))
+    assert rb.budgets_for_rows(2, 0.05) == [1.0, 0.0]
+    proc.update_state(None)
+    assert rb.budgets_for_rows(2, 0.05) == [1.0, 0.0]
+    rb.FP16BudgetLogitsProcessor.validate_params(sp(0.2))
+    for bad in (1.5, -1, "0.1", None, float("nan")):
+        with pytest.raises(ValueError, match="fp16_budget"):
+            rb.FP16BudgetLogitsProcessor.validate_params(
+                SamplingParams(extra_args={"fp16_budget": bad}))
+
+
+# --- end to end through vllm.LLM ---------------------------------------------------------------
+
+MAX_TOKENS = 24
+
+
+@pytest.fixture(scope="module")
+def e2e_results(tmp_path_factory):
+    err = _vllm_import_error()
+    if err is not None:
+        pytest.skip(f"import vllm failed: {err}")
+    sys.path.insert(0, str(HERE))
+    try:
+        from vllm_models import PROMPTS, make_tiny_llama
+    finally:
+        sys.path.remove(str(HERE))
+    work = tmp_path_factory.mktemp("vllm_e2e")
+    model = make_tiny_llama(work / "tiny-llama")
+    # Chunked prefill with 64-token steps: long prompts are split, so steps mix prefill chunks
+    # and decodes; page size is the CPU default (128), so sequences span several pages.
+    base = {"enforce_eager": True, "dtype": "float16", "max_model_len": 512,
+            "max_num_batched_tokens": 64, "enable_chunked_prefill": True}
+    n = len(PROMPTS)
+    spec = {"model": str(model), "prompts": PROMPTS, "max_tokens": MAX_TOKENS, "runs": [
+        {"name": "stock", "llm": base},
+        {"name": "thrift", "llm": {
+            **base, "attention_backend": "CUSTOM",
+            "additional_config": {"thrift_vllm": {"fp16_budget": 0.0}},  # server default
+            "logits_processors": ["thrift_vllm.backend.request_budget:FP16BudgetLogitsProcessor"]},
+         # every prompt twice in one batch: budget 1 per request, and the server default (0).
+         # Deeper layers' K/V depend on the budget, so the copies must not share prefix-cache
+         # blocks: the budget-0 copies get their own cache_salt.
+         "requests": [[i, {"fp16_budget": 1.0}] for i in range(n)]
+                     + [[i, None, "fp16_budget=0.0"] for i in range(n)],
+         "bad_extra_args": {"fp16_budget": 1.5}},
+    ]}
+    (work / "spec.json").write_text(json.dumps(spec))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1",
+           "VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false",
+           # only so that apply_model can send the introspection function to the worker
+           "VLLM_ALLOW_INSECURE_SERIALIZATION": "1"}
+    proc = subprocess.run([sys.executable, str(HERE / "vllm_models.py"), "spec.json", "out.json"],
+                          cwd=work, env=env, capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        pytest.fail(f"engine run failed (rc={proc.returncode}):\n{proc.stdout[-3000:]}\n"
+                    f"{proc.stderr[-6000:]}")
+    return json.loads((work / "out.json").read_text()), n
+
+
+@pytest.mark.slow
+def test_vllm_e2e_llm_with_custom_backend(e2e_results):
+    """One test (so pytest-xdist starts the engines once): which backend ran, budget 1 equals
+    the stock CPU backend token for token, budget 0 runs, a bad budget is refused."""
+    out, n = e2e_results
+    # backend in use: the flag selects ThriftAttention; without it vLLM is unchanged
+    assert out["impls"]["stock"] == [["CPUAttentionBackendImpl"]]
+    assert out["impls"]["thrift"] == [["ThriftAttentionImpl"]]
+    # fp16_budget=1.0 (per request): greedy tokens identical to the stock CPU backend
+    assert [len(t) for t in out["stock"]] == [MAX_TOKENS] * n
+    assert out["thrift"][:n] == out["stock"]
+    # server default 0.0 (all FP4) in the same batch: runs, and changes some continuation
+    fp4 = out["thrift"][n:]
+    assert [len(t) for t in fp4] == [MAX_TOKENS] * n
+    assert fp4 != out["stock"]
+    # a bad per-request budget is refused at admission
+    assert "fp16_budget" in out["errors"].get("thrift", ""), out["errors"]

@@ -1,0 +1,170 @@
+"""A tiny Llama-architecture model made on the fly, loadable offline by vLLM and transformers.
+
+``make_tiny_llama(path)`` writes config.json (GQA: 4 query heads, 2 KV heads, head_dim 64, 2
+layers), model.safetensors (random weights, fixed seed), and a byte-level BPE tokenizer (256 byte
+tokens, no merges, so it encodes any text) with tokenizer_config.json. Weights are scaled so the
+logits are peaked (a clear top-1), which keeps greedy decoding stable under tiny numeric
+differences between attention backends.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+NUM_LAYERS = 2
+NUM_HEADS = 4
+NUM_KV_HEADS = 2
+HEAD_DIM = 64
+HIDDEN = NUM_HEADS * HEAD_DIM
+INTERMEDIATE = 512
+VOCAB_SIZE = 320  # >= 256 bytes + 2 specials
+MAX_POSITIONS = 1024
+BOS, EOS = "<s>", "</s>"
+
+
+def _tokenizer_json() -> str:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {ch: i for i, ch in enumerate(alphabet)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([BOS, EOS])
+    return tok.to_str()
+
+
+def _weights(seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape: int, std: float) -> torch.Tensor:
+        return (torch.randn(*shape, generator=g) * std).to(torch.bfloat16).contiguous()
+
+    w = {"model.embed_tokens.weight": rnd(VOCAB_SIZE, HIDDEN, std=1.0),
+         "model.norm.weight": torch.ones(HIDDEN, dtype=torch.bfloat16),
+         "lm_head.weight": rnd(VOCAB_SIZE, HIDDEN, std=3.0 / math.sqrt(HIDDEN))}
+    s = 1.0 / math.sqrt(HIDDEN)
+    for i in range(NUM_LAYERS):
+        p = f"model.layers.{i}."
+        # q/k scaled up so attention weights are far from uniform (attention then matters).
+        w[p + "self_attn.q_proj.weight"] = rnd(NUM_HEADS * HEAD_DIM, HIDDEN, std=2 * s)
+        w[p + "self_attn.k_proj.weight"] = rnd(NUM_KV_HEADS * HEAD_DIM, HIDDEN, std=2 * s)
+        w[p + "self_attn.v_proj.weight"] = rnd(NUM_KV_HEADS * HEAD_DIM, HIDDEN, std=s)
+        w[p + "self_attn.o_proj.weight"] = rnd(HIDDEN, NUM_HEADS * HEAD_DIM, std=s)
+        w[p + "mlp.gate_proj.weight"] = rnd(INTERMEDIATE, HIDDEN, std=s)
+        w[p + "mlp.up_proj.weight"] = rnd(INTERMEDIATE, HIDDEN, std=s)
+        w[p + "mlp.down_proj.weight"] = rnd(HIDDEN, INTERMEDIATE, std=1 / math.sqrt(INTERMEDIATE))
+        w[p + "input_layernorm.weight"] = torch.ones(HIDDEN, dtype=torch.bfloat16)
+        w[p + "post_attention_layernorm.weight"] = torch.ones(HIDDEN, dtype=torch.bfloat16)
+    return w
+
+
+def make_tiny_llama(path: str | Path, seed: int = 0) -> Path:
+    """Write the tiny model into ``path`` (created) and return it."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tok_json = _tokenizer_json()
+    vocab = json.loads(tok_json)["model"]["vocab"]
+    bos_id, eos_id = len(vocab), len(vocab) + 1  # the two added specials
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": HIDDEN,
+        "intermediate_size": INTERMEDIATE,
+        "num_hidden_layers": NUM_LAYERS,
+        "num_attention_heads": NUM_HEADS,
+        "num_key_value_heads": NUM_KV_HEADS,
+        "head_dim": HEAD_DIM,
+        "hidden_act": "silu",
+        "max_position_embeddings": MAX_POSITIONS,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "vocab_size": VOCAB_SIZE,
+        "tie_word_embeddings": False,
+        "bos_token_id": bos_id,
+        "eos_token_id": eos_id,
+        "torch_dtype": "bfloat16",
+    }
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    (path / "tokenizer.json").write_text(tok_json)
+    (path / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": BOS,
+        "eos_token": EOS,
+        "model_max_length": MAX_POSITIONS,
+        "chat_template": "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n"
+                         "{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}",
+    }, indent=2))
+    (path / "generation_config.json").write_text(json.dumps(
+        {"bos_token_id": bos_id, "eos_token_id": eos_id}))
+    save_file(_weights(seed), str(path / "model.safetensors"))
+    return path
+
+
+# --- engine runner: ``python tests/vllm_models.py SPEC_JSON OUT_JSON`` --------------------------
+# vLLM on CPU spawns processes, so engines run in a fresh interpreter started by the tests (and
+# guarded by ``__main__``). SPEC_JSON: {"model": dir, "prompts": [...], "max_tokens": n,
+# "runs": [{"name": str, "llm": {LLM kwargs},
+# "requests": [[prompt index, extra_args|null(, cache_salt)], ...],
+# "bad_extra_args": {...} (optional: a request that must be refused)}, ...]}. The engines run one
+# after the other in this process. OUT_JSON: {name: [token ids per request], "seconds": {...},
+# "errors": {name: message of the refused request}}.
+
+PROMPTS = [
+    "Hello world, this is a test",
+    "abc",
+    "The quick brown fox jumps over the lazy dog. " * 6,  # 270 tokens: 3 pages of 128
+    "0123456789" * 8,
+]
+
+
+def _attention_impls(model) -> list[str]:
+    return sorted({type(m.impl).__name__ for m in model.modules() if hasattr(m, "impl")})
+
+
+def run_engines(spec: dict) -> dict:
+    import gc
+    import time
+
+    from vllm import LLM, SamplingParams
+
+    def params(extra_args):
+        return SamplingParams(temperature=0.0, max_tokens=spec["max_tokens"], ignore_eos=True,
+                              extra_args=extra_args)
+
+    out: dict = {"seconds": {}, "errors": {}}
+    for run in spec["runs"]:
+        t0 = time.time()
+        llm = LLM(model=spec["model"], **run["llm"])
+        reqs = run.get("requests") or [[i, None] for i in range(len(spec["prompts"]))]
+        prompts = [{"prompt": spec["prompts"][r[0]], **({"cache_salt": r[2]} if len(r) > 2 else {})}
+                   for r in reqs]
+        res = llm.generate(prompts, [params(r[1]) for r in reqs], use_tqdm=False)
+        out[run["name"]] = [list(r.outputs[0].token_ids) for r in res]
+        out.setdefault("impls", {})[run["name"]] = llm.apply_model(_attention_impls)
+        if run.get("bad_extra_args") is not None:
+            try:
+                llm.generate(spec["prompts"][:1], params(run["bad_extra_args"]), use_tqdm=False)
+            except Exception as e:  # the refusal is the expected outcome
+                out["errors"][run["name"]] = f"{type(e).__name__}: {e}"
+        out["seconds"][run["name"]] = round(time.time() - t0, 1)
+        del llm, res
+        gc.collect()
+    return out
+
+
+if __name__ == "__main__":
+    import sys
+
+    # Run through the importable module, not __main__, so functions sent to the workers
+    # (apply_model) pickle by reference.
+    import vllm_models
+
+    _spec = json.loads(Path(sys.argv[1]).read_text())
+    Path(sys.argv[2]).write_text(json.dumps(vllm_models.run_engines(_spec)))

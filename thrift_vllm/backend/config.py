@@ -1,0 +1,106 @@
+"""Server-wide settings of the ThriftAttention vLLM backend: one dataclass, validated on creation.
+
+Where the values come from (in this order, later wins):
+1. the dataclass defaults below;
+2. environment variables ``THRIFT_VLLM_<FIELD>`` (e.g. ``THRIFT_VLLM_FP16_BUDGET=0.1``), read in
+   exactly one place, ``_env_values``; they reach every engine and worker process because vLLM's
+   processes inherit the environment;
+3. vLLM's ``additional_config["thrift_vllm"]`` (``LLM(..., additional_config={"thrift_vllm":
+   {"fp16_budget": 0.1}})`` or ``--additional-config '{"thrift_vllm": {...}}'``), which travels
+   inside the VllmConfig to every process.
+
+Unknown keys and bad values raise ``ValueError`` naming them. This module does not import vLLM.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from thrift_vllm.api import BLOCK_SIZES, IMPLS
+from thrift_vllm.formats import check_format
+from thrift_vllm.selection import check_selection
+
+ADDITIONAL_CONFIG_KEY = "thrift_vllm"
+ENV_PREFIX = "THRIFT_VLLM_"
+
+
+def check_budget(value: Any, what: str = "fp16_budget") -> float:
+    """``value`` as a float in [0, 1]; bools, strings, None and NaN raise ValueError."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{what} must be a number in [0, 1], got {value!r}")
+    f = float(value)
+    if math.isnan(f) or not 0.0 <= f <= 1.0:
+        raise ValueError(f"{what} must be in [0, 1], got {value!r}")
+    return f
+
+
+@dataclasses.dataclass(frozen=True)
+class ThriftBackendConfig:
+    """Defaults applied to every request (a request may override ``fp16_budget`` later)."""
+
+    fp16_budget: float = 0.05
+    """Share of candidate blocks computed in FP16 (0 = all FP4, 1 = exact)."""
+    selection: str = "block_mean"
+    """Block scorer: ``block_mean``, ``quest`` or ``local`` (thrift_vllm.selection)."""
+    quant_format: str = "nvfp4"
+    """FP4 format of the bulk blocks: ``nvfp4`` or ``mxfp4``."""
+    block_size: int = 64
+    """Selection unit / kernel tile in tokens (32, 64, 128); independent of vLLM's page size."""
+    impl: str = "torch"
+    """Operator path: ``torch`` (the reference, the only one wired on CPU), ``auto``, ``triton``."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "fp16_budget", check_budget(self.fp16_budget))
+        check_selection(self.selection)
+        check_format(self.quant_format)
+        if isinstance(self.block_size, bool) or self.block_size not in BLOCK_SIZES:
+            raise ValueError(f"block_size must be one of {BLOCK_SIZES}, got {self.block_size!r}")
+        if self.impl not in IMPLS:
+            raise ValueError(f"impl must be one of {IMPLS}, got {self.impl!r}")
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any], base: ThriftBackendConfig | None = None
+                     ) -> ThriftBackendConfig:
+        """``base`` (defaults when None) with ``values`` applied; unknown keys raise."""
+        if not isinstance(values, Mapping):
+            raise ValueError(f"thrift_vllm settings must be a mapping, got {values!r}")
+        unknown = sorted(set(values) - set(cls.field_names()))
+        if unknown:
+            raise ValueError(f"unknown thrift_vllm setting(s) {unknown}; "
+                             f"known: {list(cls.field_names())}")
+        return dataclasses.replace(base or cls(), **dict(values))
+
+    @classmethod
+    def from_vllm_config(cls, vllm_config: Any) -> ThriftBackendConfig:
+        """Defaults, then ``THRIFT_VLLM_*`` variables, then ``additional_config["thrift_vllm"]``."""
+        cfg = cls.from_mapping(_env_values())
+        extra = getattr(vllm_config, "additional_config", None) or {}
+        if isinstance(extra, Mapping) and ADDITIONAL_CONFIG_KEY in extra:
+            cfg = cls.from_mapping(extra[ADDITIONAL_CONFIG_KEY], base=cfg)
+        return cfg
+
+
+def _env_values(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """The one place that reads the environment: ``THRIFT_VLLM_<FIELD>`` for each field."""
+    environ = os.environ if environ is None else environ
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(ThriftBackendConfig):
+        raw = environ.get(ENV_PREFIX + f.name.upper())
+        if raw is None or raw == "":
+            continue
+        convert = {"fp16_budget": float, "block_size": int}.get(f.name, str)
+        try:
+            out[f.name] = convert(raw)
+        except ValueError:
+            raise ValueError(f"{ENV_PREFIX}{f.name.upper()} must be a {convert.__name__}, "
+                             f"got {raw!r}") from None
+    return out

@@ -5,4 +5,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 marks=()
 if [ "${SKIP_SLOW:-0}" = "1" ]; then marks=(-m "not slow"); fi
-exec python3 -m pytest -q -n "${PYTEST_WORKERS:-2}" "${marks[@]}" tests "$@"
+exec python3 -m pytest -q -n "${PYTEST_WORKERS:-2}" --dist loadfile "${marks[@]}" tests "$@"

@@ -1,0 +1,194 @@
+"""Per-request FP16 budgets at the HTTP edge: parse, validate, resolve, salt. No vLLM, no web
+framework (the middleware and the tests call these directly).
+
+Sources, highest first: the ``X-FP16-Budget`` header; ``fp16_budget`` in the JSON body (top level
+or inside ``vllm_xargs``; both present and different is an error); the server default. Values are
+decimal numbers in [0, 1] (``nan``, ``inf``, hex, ``1_0``, empty, over-long strings are rejected).
+A valid value above the server cap is clamped to the cap or rejected (``--budget-over-cap``).
+Every problem is a ``BudgetError`` (HTTP 400) whose message names the source and the value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import re
+from collections.abc import Mapping
+from typing import Any
+
+HEADER = "x-fp16-budget"
+HEADER_DISPLAY = "X-FP16-Budget"
+APPLIED_HEADER = "x-fp16-budget-applied"
+BODY_KEY = "fp16_budget"
+XARGS_KEY = "vllm_xargs"
+SALT_KEY = "cache_salt"
+OVER_CAP_MODES = ("clamp", "reject")
+MAX_TEXT_LEN = 32
+# vLLM's own cache_salt rules (vllm/entrypoints/generate/base/protocol.py: validate_cache_salt).
+MAX_SALT_LEN = 128
+SALT_FORBIDDEN = frozenset("@/\\\x00")
+
+_DECIMAL = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
+
+
+class BudgetError(ValueError):
+    """A bad budget: HTTP 400 with ``param`` naming where it came from."""
+
+    def __init__(self, message: str, param: str, code: str = "invalid_fp16_budget") -> None:
+        super().__init__(message)
+        self.message, self.param, self.code = message, param, code
+
+
+@dataclasses.dataclass(frozen=True)
+class BudgetSettings:
+    """Server-wide budget policy (from ``thrift-vllm serve`` flags)."""
+
+    default: float = 0.05
+    cap: float = 1.0
+    over_cap: str = "clamp"
+
+    def __post_init__(self) -> None:
+        for name in ("default", "cap"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
+                    or not 0.0 <= v <= 1.0:
+                raise ValueError(f"budget {name} must be a number in [0, 1], got {v!r}")
+            object.__setattr__(self, name, float(v) + 0.0)
+        if self.default > self.cap:
+            raise ValueError(f"the default FP16 budget {self.default} is above the cap {self.cap}")
+        if self.over_cap not in OVER_CAP_MODES:
+            raise ValueError(f"over_cap must be one of {OVER_CAP_MODES}, got {self.over_cap!r}")
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class Resolution:
+    budget: float
+    source: str  # "header", "body" or "default"
+    requested: float | None = None
+    clamped: bool = False
+
+
+def fmt(budget: float) -> str:
+    """Canonical text of a budget (shortest round-trip repr: 0.05 -> "0.05")."""
+    return repr(float(budget) + 0.0)
+
+
+def _show(raw: Any) -> str:
+    text = raw if isinstance(raw, str) else repr(raw)
+    return repr(text[:MAX_TEXT_LEN] + "...") if len(text) > MAX_TEXT_LEN else repr(text)
+
+
+def parse_text(raw: str | bytes, param: str) -> float:
+    """A budget written as text (header, or a string in the body)."""
+    if isinstance(raw, bytes):
+        raw = raw.decode("latin-1")
+    if len(raw) > MAX_TEXT_LEN:
+        raise BudgetError(f"{param} is too long ({len(raw)} characters, at most {MAX_TEXT_LEN}): "
+                          f"{_show(raw)}", param)
+    text = raw.strip()
+    if not text:
+        raise BudgetError(f"{param} is empty; expected a number in [0, 1]", param)
+    if not _DECIMAL.fullmatch(text):
+        raise BudgetError(f"{param} must be a decimal number in [0, 1], got {_show(raw)}", param)
+    return check_range(float(text), param, raw)
+
+
+def check_range(value: float, param: str, raw: Any = None) -> float:
+    if not math.isfinite(value) or not 0.0 <= value <= 1.0:
+        shown = _show(raw) if raw is not None else repr(value)
+        raise BudgetError(f"{param} must be in [0, 1], got {shown}", param)
+    return value + 0.0  # -0.0 -> 0.0
+
+
+def parse_value(raw: Any, param: str) -> float:
+    """A budget from JSON: a number, or a numeric string; bools, null, lists... are rejected."""
+    if isinstance(raw, str):
+        return parse_text(raw, param)
+    if isinstance(raw, bool) or not isinstance(raw, (int, float)):
+        raise BudgetError(f"{param} must be a number in [0, 1], got {_show(raw)}", param)
+    try:
+        value = float(raw)
+    except OverflowError:  # a huge JSON integer
+        raise BudgetError(f"{param} must be in [0, 1], got {_show(raw)}", param) from None
+    return check_range(value, param, raw)
+
+
+def header_budget(values: list[bytes] | list[str]) -> float | None:
+    """The ``X-FP16-Budget`` header (all its raw values, as received) -> budget or None."""
+    if not values:
+        return None
+    if len(values) > 1:
+        raise BudgetError(f"{HEADER_DISPLAY} is repeated ({len(values)} times); send it once",
+                          HEADER_DISPLAY)
+    return parse_text(values[0], HEADER_DISPLAY)
+
+
+def body_budget(body: Mapping[str, Any]) -> float | None:
+    """``fp16_budget`` at the top level and/or in ``vllm_xargs`` -> budget or None."""
+    found: list[float] = []
+    if BODY_KEY in body:
+        found.append(parse_value(body[BODY_KEY], BODY_KEY))
+    xargs = body.get(XARGS_KEY)
+    if isinstance(xargs, Mapping) and BODY_KEY in xargs:
+        found.append(parse_value(xargs[BODY_KEY], f"{XARGS_KEY}.{BODY_KEY}"))
+    if len(found) == 2 and found[0] != found[1]:
+        raise BudgetError(f"{BODY_KEY} ({fmt(found[0])}) and {XARGS_KEY}.{BODY_KEY} "
+                          f"({fmt(found[1])}) disagree; give one", BODY_KEY)
+    return found[0] if found else None
+
+
+def resolve(settings: BudgetSettings, header: float | None, body: float | None) -> Resolution:
+    """Header wins over body, body over the default; then the cap (clamp or reject)."""
+    if header is not None:
+        requested, source = header, "header"
+    elif body is not None:
+        requested, source = body, "body"
+    else:
+        return Resolution(settings.default, "default")
+    if requested > settings.cap:
+        if settings.over_cap == "reject":
+            param = HEADER_DISPLAY if source == "header" else BODY_KEY
+            raise BudgetError(f"{param} {fmt(requested)} is above this server's cap "
+                              f"{fmt(settings.cap)}", param, code="fp16_budget_over_cap")
+        return Resolution(settings.cap, source, requested, clamped=True)
+    return Resolution(requested, source, requested)
+
+
+def salt_for(budget: float, client_salt: Any) -> Any:
+    """The ``cache_salt`` that keeps prefix-cache blocks of different budgets apart (their stored
+    K/V differ), merged with the client's salt. A client salt vLLM would reject is returned as is
+    (vLLM then answers 400 for it); a merged salt over vLLM's 128 characters is hashed."""
+    own = f"thrift-fp16-budget={fmt(budget)}"
+    if client_salt is None:
+        return own
+    if not isinstance(client_salt, str) or not client_salt or len(client_salt) > MAX_SALT_LEN \
+            or any(c in SALT_FORBIDDEN for c in client_salt):
+        return client_salt
+    merged = f"{client_salt}|{own}"
+    if len(merged) > MAX_SALT_LEN:
+        merged = "sha256:" + hashlib.sha256(merged.encode("utf-8")).hexdigest()
+    return merged
+
+
+def rewrite_body(body: dict[str, Any], budget: float, salt: bool = True) -> dict[str, Any]:
+    """A copy of the request body with the applied budget in ``vllm_xargs`` (top-level
+    ``fp16_budget`` removed) and, when ``salt``, the per-budget ``cache_salt``."""
+    out = dict(body)
+    out.pop(BODY_KEY, None)
+    xargs = out.get(XARGS_KEY)
+    xargs = dict(xargs) if isinstance(xargs, Mapping) else {}
+    xargs[BODY_KEY] = budget
+    out[XARGS_KEY] = xargs
+    if salt:
+        out[SALT_KEY] = salt_for(budget, body.get(SALT_KEY))
+    return out
+
+
+def error_body(message: str, param: str | None, code: str | int = 400,
+               type_: str = "BadRequestError") -> dict[str, Any]:
+    """OpenAI's error JSON (the shape vLLM's own errors have)."""
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}

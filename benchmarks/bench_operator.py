@@ -244,16 +244,22 @@ def decode(quick: bool):
             torch.cuda.empty_cache()
 
 
+def error_inputs(S: int, kind: str):
+    """q [1, 8, S, 128], k/v [1, 2, S, 128]; "needles" plants 64 keys in the first half that
+    copy (x3) later queries of the head group's first head: far-back, high-scoring blocks."""
+    q, k, v = rand(1, 8, S, 128, 10), rand(1, 2, S, 128, 11), rand(1, 2, S, 128, 12)
+    if kind == "needles":
+        g = torch.Generator(device="cuda").manual_seed(13)
+        pos = torch.randint(0, S // 2, (64,), device="cuda", generator=g)
+        qi = torch.randint(S // 2, S, (64,), device="cuda", generator=g)
+        k[:, :, pos] = (q[:, ::4, qi] * 3).to(DT)
+    return q, k, v
+
+
 def error(quick: bool):
     S = 8192 if quick else 32768
     for kind in ("random", "needles"):
-        q, k, v = rand(1, 8, S, 128, 10), rand(1, 2, S, 128, 11), rand(1, 2, S, 128, 12)
-        if kind == "needles":
-            # Plant keys aligned with some queries' directions far back in the context.
-            g = torch.Generator(device="cuda").manual_seed(13)
-            pos = torch.randint(0, S // 2, (64,), device="cuda", generator=g)
-            qi = torch.randint(S // 2, S, (64,), device="cuda", generator=g)
-            k[:, :, pos] = (q[:, ::4, qi] * 3).to(DT)
+        q, k, v = error_inputs(S, kind)
         exact = thrift_attention_triton(q, k, v, **kw(1.0))
         base = None
         for f in (0.0, 0.01, 0.025, 0.05, 0.10, 0.25):
@@ -286,12 +292,7 @@ def ablation(quick: bool):
     """force_sink_recent on/off (sink block 0 and the diagonal take the first budget slots)."""
     S = 8192 if quick else 32768
     for kind in ("random", "needles"):
-        q, k, v = rand(1, 8, S, 128, 10), rand(1, 2, S, 128, 11), rand(1, 2, S, 128, 12)
-        if kind == "needles":
-            g = torch.Generator(device="cuda").manual_seed(13)
-            pos = torch.randint(0, S // 2, (64,), device="cuda", generator=g)
-            qi = torch.randint(S // 2, S, (64,), device="cuda", generator=g)
-            k[:, :, pos] = (q[:, ::4, qi] * 3).to(DT)
+        q, k, v = error_inputs(S, kind)
         exact = thrift_attention_triton(q, k, v, **kw(1.0))
         base = rel(thrift_attention_triton(q, k, v, **kw(0.0)), exact)[0]
         for f in (0.01, 0.05, 0.25):

@@ -216,14 +216,13 @@ def decode(quick: bool):
             q, k, v = rand(B, 32, 1, 128, 7), rand(B, 8, S, 128, 8), rand(B, 8, S, 128, 9)
             fp4 = quantize_operands(q, k, v, "nvfp4", 64)
             grid = BlockGrid(1, S, 64, True)
-            variants = ((1.0, False), (0.0, True), (0.05, True), (0.0, False), (0.05, False))
-            for f, split in variants if quick else (variants[0], *variants[3:]):
+            for f in (1.0, 0.0, 0.05):
                 sel = select_blocks_triton(q, k, fp16_budget=f, selection="block_mean",
                                            block_size=64, causal=True) if f else torch.empty(
                     B, 32, 1, 0, dtype=torch.int32, device="cuda")
                 a = kw(f)
                 ms = bench(lambda: thrift_attention_triton(
-                    q, k, v, **a, sel=sel, fp4=fp4, decode_split_nibbles=split))
+                    q, k, v, **a, sel=sel, fp4=fp4))
                 t_sel = bench(lambda: select_blocks_triton(
                     q, k, fp16_budget=f, selection="block_mean", block_size=64,
                     causal=True)) if 0 < f < 1 else 0.0
@@ -235,7 +234,6 @@ def decode(quick: bool):
                     fp4_bytes = B * 8 * S * (64 + 8) * 2  # packed + e4m3 scales, K and V
                     bytes_read = fp4_bytes + B * 8 * n_sel_tok * 128 * 2 * 2
                 name = {1.0: "fp16_triton", 0.0: "fp4"}.get(f, f"thrift_{int(f * 100)}%")
-                name += "" if f == 1.0 else ("_split" if split else "_interleave")
                 ROWS.append(dict(section="decode", B=B, S=S, method=name, ms=ms,
                                  select_ms=t_sel, gbps=bytes_read / ms / 1e6,
                                  roofline_share=bytes_read / ms / 1e6 / 4300,

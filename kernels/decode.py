@@ -9,7 +9,7 @@ kernel merges the splits. Selection is per KV head (one list for the group).
 import triton
 import triton.language as tl
 from thrift_vllm.kernels.fp4 import _dequant_tile, _dequant_tile_mma
-from thrift_vllm.kernels.tiles import _even_odd, _fp4_tile, _fp8_rows, _fp16_tile
+from thrift_vllm.kernels.tiles import _fp4_tile, _fp8_rows, _fp16_tile
 
 
 @triton.jit
@@ -71,7 +71,6 @@ def _thrift_decode_kernel(
     FP4_MATH: tl.constexpr,
     K_POW2: tl.constexpr,
     DOT_FP32: tl.constexpr,
-    SPLIT: tl.constexpr,
 ):
     """Q: [B, Hq, 1, D]; K/V, Qp/Qs, Kp/Ks, Vp/Vs, Sel as in the prefill kernel (Sel rows of one
     group are equal; the group's first row is read). Acc: fp32 [B, Hq, num_splits, D];
@@ -108,9 +107,6 @@ def _thrift_decode_kernel(
         q4, q_fac = _fp8_rows(_dequant_tile(qp, qs, BLOCK_H, D, G, FMT))
     else:
         q4 = _dequant_tile_mma(qp, qs, BLOCK_H, D, G, FMT, False)  # fp16 (NVFP4) / bf16
-    if SPLIT:
-        if FP4_MATH != "native":
-            q4, qp = _even_odd(q4, BLOCK_H, D)
     q_pos = tl.full([BLOCK_H], Skv - 1, dtype=tl.int32)
 
     j0 = split * tiles_per_split
@@ -166,7 +162,6 @@ def _thrift_decode_kernel(
             False,
             False,
             DOT_FP32,
-            SPLIT,
         )
         ptr += (j == nxt).to(tl.int32)
         nxt = tl.load(sel_row + ptr, mask=ptr < hi, other=-1)
@@ -201,7 +196,6 @@ def _thrift_decode_kernel(
             True,
             False,
             DOT_FP32,
-            SPLIT,
         )
 
     k_base = K + b * stride_kb + kvh * stride_kh

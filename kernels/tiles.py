@@ -18,7 +18,6 @@ from thrift_vllm.kernels.fp4 import (
     _mma_scale,
     _pack,
     _round_e4m3,
-    _scale_value,
 )
 
 # NVFP4 P: group scale e4m3(448 * amax) and a constant 1/2688 factor (thrift_vllm/reference.py).
@@ -152,26 +151,6 @@ def _load_dequant_mma(p_base, s_base, rows, stride_p, stride_s, mask, R: tl.cons
 
 
 @triton.jit
-def _load_halves(p_base, s_base, rows, col0, stride_p, stride_s, mask, C: tl.constexpr,
-                 G: tl.constexpr, FMT: tl.constexpr):
-    """Packed FP4 rows [R, C/2] decoded as two fp32 halves (even, odd columns) without any
-    interleave: each byte's low nibble is the even element, its high nibble the odd one. The
-    scale bytes are read per half-column (repeats hit L1)."""
-    kp = tl.load(p_base + rows[:, None] * stride_p + tl.arange(0, C // 2)[None, :], mask=mask,
-                 other=0).to(tl.int32)
-    sc_cols = col0 // G + tl.arange(0, C // 2)[None, :] // (G // 2)
-    sc = _scale_value(tl.load(s_base + rows[:, None] * stride_s + sc_cols, mask=mask, other=0),
-                      FMT)
-    return _e2m1_value(kp & 0xF) * sc, _e2m1_value(kp >> 4) * sc
-
-
-@triton.jit
-def _even_odd(x, R: tl.constexpr, C: tl.constexpr):
-    """[R, C] -> ([R, C/2] even columns, [R, C/2] odd columns)."""
-    return tl.split(tl.reshape(x, [R, C // 2, 2]))
-
-
-@triton.jit
 def _fp4_softmax(s, m_i, offs_n, q_pos, Skv, keep, MASKED: tl.constexpr, CAUSAL: tl.constexpr):
     """Scores s [M, N] (log2 domain) -> (p = exp2(s - tile row max), beta = exp2(mt - m_new),
     alpha = exp2(m_i - m_new), m_new). Masked keys and dropped tiles (keep False) weigh 0."""
@@ -211,15 +190,13 @@ def _fp4_tile(
     start_n, q_pos, Skv, qk_scale, keep,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, G: tl.constexpr,
     FMT: tl.constexpr, FP4_MATH: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-    DOT_FP32: tl.constexpr, SPLIT: tl.constexpr = False,
+    DOT_FP32: tl.constexpr,
 ):
     """One FP4 key tile read from packed storage (decode; prefill with native math).
     q4: dequantised FP4 q, bf16 [M, D] (bf16 math) or e4m3 with row factors q_fac [M] (fp8
     math); qp/qs: packed q and scale bytes (native math). K packed [Skv, D/2] per head, V packed
     transposed [D, S_pad/2] (grouped along tokens, padded to whole tiles). ``keep`` False makes
-    the tile a no-op (it is computed in FP16 instead). SPLIT (bf16/fp8 math) decodes each
-    packed byte's two nibbles as separate even/odd halves and does two half-depth dots instead of
-    interleaving (q4/qp then carry q's even/odd columns)."""
+    the tile a no-op (it is computed in FP16 instead)."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D)
     kmask = (offs_n < Skv)[:, None]
@@ -231,20 +208,6 @@ def _fp4_tile(
         ks = tl.load(ks_base + offs_n[:, None] * stride_ksn + offs_dg[None, :], mask=kmask,
                      other=0)
         s = _fp4_dot(qp, qs, kp, ks, BLOCK_M, BLOCK_N, D, G, FMT, DOT_FP32) * qk_scale
-    elif SPLIT:
-        # q4 / qp hold q's even / odd head-dim columns (bf16, or e4m3 with q_fac).
-        k_even, k_odd = _load_halves(kp_base, ks_base, offs_n, 0, stride_kpn, stride_ksn, kmask,
-                                     D, G, FMT)
-        if FP4_MATH == "fp8":
-            ke8, ke_fac = _fp8_rows(k_even)
-            ko8, ko_fac = _fp8_rows(k_odd)
-            s = _dot(q4, tl.trans(ke8), DOT_FP32) * ke_fac[None, :]
-            s += _dot(qp, tl.trans(ko8), DOT_FP32) * ko_fac[None, :]
-            s = s * (q_fac * qk_scale)[:, None]
-        else:
-            s = _dot(q4, tl.trans(k_even.to(q4.dtype)), DOT_FP32)
-            s += _dot(qp, tl.trans(k_odd.to(q4.dtype)), DOT_FP32)
-            s = s * qk_scale
     elif FP4_MATH == "fp8":
         k = _load_dequant(kp_base, ks_base, offs_n, stride_kpn, stride_ksn, kmask, BLOCK_N, D,
                           G, FMT)
@@ -267,26 +230,6 @@ def _fp4_tile(
         if FMT == "nvfp4":
             beta = beta / P_ROW_DIV
         pv, psum = pv * beta[:, None], tl.sum(vals, axis=1) * beta
-    elif SPLIT:
-        vmask = (offs_d < D)[:, None]
-        v_even, v_odd = _load_halves(vp_base + start_n // 2, vs_base, offs_d, start_n,
-                                     stride_vpd, stride_vsd, vmask, BLOCK_N, G, FMT)
-        if FP4_MATH == "fp8":
-            p_even, p_odd = _even_odd((p * 256.0).to(tl.float8e4nv), BLOCK_M, BLOCK_N)
-            ve8, ve_fac = _fp8_rows(v_even)
-            vo8, vo_fac = _fp8_rows(v_odd)
-            pv = _dot(p_even, tl.trans(ve8), DOT_FP32) * ve_fac[None, :]
-            pv += _dot(p_odd, tl.trans(vo8), DOT_FP32) * vo_fac[None, :]
-            psum = (tl.sum(p_even.to(tl.float32), axis=1) + tl.sum(p_odd.to(tl.float32), axis=1))
-            pv, psum = pv * (beta / 256.0)[:, None], psum * (beta / 256.0)
-        else:
-            vals, _, _ = _quant_p(p, BLOCK_M, BLOCK_N, G, FMT, False)
-            p_even, p_odd = _even_odd(vals.to(tl.bfloat16), BLOCK_M, BLOCK_N)
-            pv = _dot(p_even, tl.trans(v_even.to(tl.bfloat16)), DOT_FP32)
-            pv += _dot(p_odd, tl.trans(v_odd.to(tl.bfloat16)), DOT_FP32)
-            if FMT == "nvfp4":
-                beta = beta / P_ROW_DIV
-            pv, psum = pv * beta[:, None], tl.sum(vals, axis=1) * beta
     elif FP4_MATH == "fp8":
         vt = _load_dequant(vp_base + start_n // 2, vs_base + start_n // G, offs_d, stride_vpd,
                            stride_vsd, (offs_d < D)[:, None], D, BLOCK_N, G, FMT)

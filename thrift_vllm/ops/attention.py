@@ -24,8 +24,6 @@ PREFILL_LAUNCH = {
     "fp8": {"num_warps": 4, "num_stages": 3},
     "native": {"num_warps": 8, "num_stages": 2},
 }
-# Decode FP4 unpacking: even/odd nibble halves with two half-depth dots (True) or interleave.
-DECODE_SPLIT_NIBBLES = False  # H200: interleave 3.78 ms vs split 5.80 ms (B=64, 32K)
 # Decode: enough (batch, KV head, split) programs to cover the H200's 132 SMs about twice.
 DECODE_TARGET_PROGRAMS = 264
 
@@ -72,14 +70,11 @@ def thrift_attention_triton(
     fp4: tuple[QuantizedTensor, QuantizedTensor, QuantizedTensor] | None = None,
     out: torch.Tensor | None = None,
     launch: dict | None = None,
-    decode_split_nibbles: bool | None = None,
 ) -> torch.Tensor:
     """ThriftAttention on the Triton kernels. Shapes as ``thrift_vllm.attention``; ``sel``
     (int32 [B, Hq, n_q_blocks, k]) and ``fp4`` (from :func:`quantize_operands`) may be passed
     precomputed, e.g. by benchmarks that time their parts; ``out`` (like q) receives the result;
-    ``launch`` overrides the prefill kernel's ``num_warps``/``num_stages`` (tuning sweeps);
-    ``decode_split_nibbles`` picks the decode kernel's FP4 unpacking (default
-    ``DECODE_SPLIT_NIBBLES``)."""
+    ``launch`` overrides the prefill kernel's ``num_warps``/``num_stages`` (tuning sweeps)."""
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     B, Hq, Sq, D = q.shape
     Hkv, Skv = k.shape[1], k.shape[2]
@@ -180,8 +175,6 @@ def thrift_attention_triton(
         Hkv=Hkv,
         BLOCK_H=max(16, triton.next_power_of_2(Hq // Hkv)),
         K_POW2=triton.next_power_of_2(max(k_sel, 1)),
-        SPLIT=(DECODE_SPLIT_NIBBLES if decode_split_nibbles is None else decode_split_nibbles)
-        and bulk_math != "native",
         num_warps=4,
         num_stages=2,
         **common,

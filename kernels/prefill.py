@@ -14,7 +14,7 @@ the packed FP4 and scales straight into ``tl.dot_scaled``.
 
 import triton
 import triton.language as tl
-from thrift_vllm.kernels.fp4 import _load_fp4
+from thrift_vllm.kernels.fp4 import _dequant_tile
 from thrift_vllm.kernels.tiles import _fp4_dense_tile, _fp4_tile, _fp8_rows, _fp16_tile
 
 
@@ -78,8 +78,7 @@ def _thrift_prefill_kernel(
                  + tl.arange(0, D // 2)[None, :], mask=row_ok[:, None], other=0)
     qs = tl.load(Qs + b * stride_qsb + h * stride_qsh + qi[:, None] * stride_qss
                  + tl.arange(0, D // G)[None, :], mask=row_ok[:, None], other=0)
-    q_f32 = _load_fp4(Qp + b * stride_qpb + h * stride_qph, Qs + b * stride_qsb + h * stride_qsh,
-                      qi, offs_d, stride_qps, stride_qss, G, FMT, row_ok[:, None])
+    q_f32 = _dequant_tile(qp, qs, BLOCK, D, G, FMT)  # decode the bytes already loaded
     qk_row = tl.full([BLOCK], 1.0, dtype=tl.float32) * qk_scale
     v_fac = tl.full([D], 1.0, dtype=tl.float32)
     if FP4_MATH == "fp8":

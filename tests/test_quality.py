@@ -197,6 +197,24 @@ def test_train_resume_reproduces(tmp_path):
         _train(tmp_path / "b", "--resume", "--lr", "1e-4")
 
 
+def test_fit_total_steps_arithmetic():
+    from thrift_vllm.quality import train
+
+    cfg = {"curriculum": "0:2048,0.1:8192,0.5:32768", "max_len": 16384}
+    # 10 % at 2K (1 s), 40 % at 8K (2 s), 50 % at 32K capped to 16K (4 s): 2.9 s per step
+    n = train.fit_total_steps({2048: 1.0, 8192: 2.0, 16384: 4.0}, cfg, 290.0)
+    assert n == 100
+    assert train.fit_total_steps({2048: 1.0, 8192: 2.0, 16384: 4.0}, cfg, 0.1) == 1
+
+
+def test_train_fit_minutes_logs_choice(tmp_path):
+    log = _train(tmp_path / "f", "--fit-minutes", "0.05", "--no-export", "--max-steps", "1")
+    assert set(log["probe_s_per_step"]) == {"128", "256"}
+    assert log["config"]["total_steps"] >= 1
+    assert log["config"]["total_steps"] == json.loads(
+        (tmp_path / "f" / "train_log.json").read_text())["config"]["total_steps"]
+
+
 def test_quick_harness_cli(tiny_dir, tmp_path, capsys):
     from thrift_vllm.quality.__main__ import main
 

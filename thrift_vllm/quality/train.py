@@ -26,6 +26,7 @@ of a step does not depend on the worker count.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -150,6 +151,55 @@ def _write_json(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
+def fit_total_steps(step_s: dict[int, float], cfg: dict, seconds: float) -> int:
+    """Steps that fit ``seconds`` given measured seconds per step at each curriculum length.
+
+    Plain arithmetic: the curriculum gives each length a fraction of the run, so a run of ``N``
+    steps takes ``N * sum(frac_L * t_L)``.
+    """
+    cur = [*parse_curriculum(cfg["curriculum"]), (1.0, 0)]
+    per_step = 0.0
+    for (f0, n), (f1, _) in itertools.pairwise(cur):
+        per_step += (f1 - f0) * step_s[min(n, cfg["max_len"])]
+    return max(1, int(seconds / per_step))
+
+
+def probe_step_times(cfg: dict, corpus_train: np.ndarray, device: torch.device,
+                     reps: int = 3) -> dict[int, float]:
+    """Seconds per optimizer step at each curriculum length (a throwaway model; the first step
+    of each length is a warm-up). Data generation is excluded (workers run ahead)."""
+    mconf = qmodel.make_config(**json.loads(cfg["model"]))
+    mconf._attn_implementation = "sdpa"
+    model = qmodel.make_model(mconf, seed=cfg["seed"]).to(device)
+    model.config.use_cache = False
+    opt = _optimizer(model, cfg)
+    out = {}
+    for _, n in parse_curriculum(cfg["curriculum"]):
+        L = min(n, cfg["max_len"])
+        if L in out:
+            continue
+        x = batch_at(0, {**cfg, "curriculum": f"0:{L}"}, corpus_train).to(device)
+        times = []
+        for _ in range(reps + 1):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            ts = time.time()
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                logits = model(input_ids=x).logits
+            loss = torch.nn.functional.cross_entropy(
+                logits[:, :-1].float().reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.time() - ts)
+        out[L] = sum(times[1:]) / reps
+        print(f"[train] probe L={L}: {out[L]:.3f} s/step", flush=True)
+    del model, opt
+    return out
+
+
 def train(args: argparse.Namespace) -> dict:
     t0 = time.time()
     out = Path(args.out)
@@ -175,6 +225,16 @@ def train(args: argparse.Namespace) -> dict:
         state = None
         log = {"config": cfg, "argv": sys.argv, "chunks": [], "losses": []}
 
+    corpus = qdata.load_corpus(args.stdlib)
+    if args.fit_minutes is not None and state is None:
+        # Size the run (total_steps) to a wall-clock budget; the chosen value is logged, so
+        # `--total-steps N` reproduces the run without the probe.
+        probe = probe_step_times(cfg, corpus.train, device)
+        cfg["total_steps"] = fit_total_steps(probe, cfg, args.fit_minutes * 60.0)
+        log["config"] = cfg
+        log["probe_s_per_step"] = {str(k): round(v, 4) for k, v in probe.items()}
+        print(f"[train] --fit-minutes {args.fit_minutes}: total_steps={cfg['total_steps']}",
+              flush=True)
     torch.manual_seed(cfg["seed"])
     np.random.seed(cfg["seed"])
     mconf = qmodel.make_config(**json.loads(cfg["model"]))
@@ -192,7 +252,6 @@ def train(args: argparse.Namespace) -> dict:
         torch.set_rng_state(state["rng_cpu"])
         if device.type == "cuda" and state.get("rng_cuda") is not None:
             torch.cuda.set_rng_state(state["rng_cuda"])
-    corpus = qdata.load_corpus(args.stdlib)
     log["corpus"] = corpus.describe()
     log.setdefault("python", sys.version)
     n_par = qmodel.n_params(model)
@@ -283,6 +342,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reserve-s", type=float, default=30.0, help="kept for save/export")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--fit-minutes", type=float, default=None,
+                   help="first chunk only: time one step per curriculum length and set "
+                        "--total-steps so the whole run takes about this long")
     p.add_argument("--max-steps", type=int, default=None, help="stop this chunk after N steps")
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--grad-ckpt", choices=("auto", "on", "off"), default="off",

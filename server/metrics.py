@@ -14,17 +14,10 @@ from __future__ import annotations
 
 import threading
 
-BUCKET_EDGES = (0.0, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+from thrift_vllm.backend.stats import BUCKET_EDGES, bucket
 
 _lock = threading.Lock()
 _metrics: dict | None = None
-
-
-def bucket(budget: float) -> str:
-    for edge in BUCKET_EDGES:
-        if budget <= edge:
-            return repr(edge)
-    return repr(BUCKET_EDGES[-1])
 
 
 def get() -> dict:

@@ -24,7 +24,7 @@ from typing import ClassVar
 import torch
 
 import thrift_vllm
-from thrift_vllm.backend import request_budget
+from thrift_vllm.backend import request_budget, stats
 from thrift_vllm.backend.compat import (
     AttentionBackend,
     AttentionCGSupport,
@@ -109,15 +109,18 @@ class ThriftAttentionMetadataBuilder(AttentionMetadataBuilder[ThriftAttentionMet
         qsl = common.query_start_loc_cpu[: num_reqs + 1].tolist()
         seq_lens = common.seq_lens[:num_reqs].tolist()  # CPU tensor on CPU; one sync on GPU
         budgets = self.request_budgets(common)
-        ks = []
+        ks, grids = [], []
         for i in range(num_reqs):
             sq, skv = qsl[i + 1] - qsl[i], seq_lens[i]
             if sq <= 0:  # padding request
                 ks.append(0)
+                grids.append(None)
                 continue
             grid = BlockGrid(seq_len_q=sq, seq_len_kv=skv, block_size=self.config.block_size,
                              causal=True)
             ks.append(budget_to_k(budgets[i], grid))
+            grids.append(grid)
+        stats.record_step(grids, ks, budgets)  # realised FP16 share, for /metrics
         return ThriftAttentionMetadata(
             num_actual_tokens=common.num_actual_tokens,
             num_reqs=num_reqs,

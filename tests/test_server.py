@@ -273,9 +273,16 @@ def test_cli_prepare_selects_backend(monkeypatch):
     s = middleware.current_settings()
     assert s["budget"] == {"default": 0.1, "cap": 0.25, "over_cap": "reject"}
     assert s["api_keys"] == ["k"] and not info["placeholder"]
+    assert info["kv_layout"] == "auto" and args.kv_cache_dtype in (None, "auto")
+    args, info = cli.prepare(["m", "--kv-layout", "nvfp4"])
+    assert args.kv_cache_dtype == "nvfp4" and info["kv_layout"] == "nvfp4"
+    args, info = cli.prepare(["m", "--kv-cache-dtype", "nvfp4"])
+    assert info["kv_layout"] == "nvfp4"
     for bad in (["m", "--attention-backend", "FLASH_ATTN"], ["m", "--fp16-budget", "0.5",
                                                              "--max-fp16-budget", "0.25"],
-                ["m", "--max-fp16-budget", "2"]):
+                ["m", "--max-fp16-budget", "2"], ["m", "--kv-layout", "fp8"],
+                ["m", "--kv-layout", "nvfp4", "--kv-cache-dtype", "fp8"],
+                ["m", "--kv-cache-dtype", "fp8"]):
         with pytest.raises(SystemExit):
             cli.prepare(bad)
 
@@ -370,9 +377,16 @@ def test_server_health_models_config_startup_line(server):
     assert cfg["fp16_budget_default"] == DEFAULT and cfg["fp16_budget_max"] == CAP
     assert cfg["untrained_placeholder"] is True
     line = next(x for x in Path(server.log).read_text().splitlines() if "thrift-vllm serve:" in x)
-    for word in ("device=cpu", "backend=ThriftAttention", "kv_layout=", "default=0.05",
+    for word in ("device=cpu", "backend=ThriftAttention", "kv_layout=auto", "default=0.05",
                  "cap=0.5", "UNTRAINED"):
         assert word in line, line
+    cap = next(x for x in Path(server.log).read_text().splitlines() if "KV cache" in x
+               and "thrift-vllm serve:" in x)
+    assert cfg["kv_capacity_tokens"] > 0 and f"= {cfg['kv_capacity_tokens']} tokens" in cap
+    assert 0 < cfg["kv_bytes_per_token_stock"] < cfg["kv_bytes_per_token"], cap  # auto: + FP4
+    text = _http(server, "GET", "/metrics").text
+    assert (f'thrift_vllm_kv_cache_bytes_per_token{{layout="thrift"}} '
+            f'{float(cfg["kv_bytes_per_token"])}') in text
 
 
 @needs_vllm
@@ -450,6 +464,28 @@ def test_server_budget_precedence_clamp_and_metrics(server):
     assert "vllm:" in text  # vLLM's own series are still there
     assert 'thrift_vllm_requests_total{budget_bucket="0.25",source="header"}' in text
     assert "thrift_vllm_budget_clamped_total 1.0" in text
+
+    # engine-side series (another process, multiprocess mode): realised FP16 block counts
+    def series(name):
+        return {line.split("{", 1)[1].split("}")[0]: float(line.rsplit(" ", 1)[1])
+                for line in _http(server, "GET", "/metrics").text.splitlines()
+                if line.startswith(name + "{")}
+
+    def blocks():
+        return series("thrift_vllm_fp16_blocks_total"), series("thrift_vllm_attention_blocks_total")
+
+    f0, a0 = blocks()
+    applied({"X-FP16-Budget": "0"})
+    time.sleep(0.5)
+    f1, a1 = blocks()
+    key = 'budget_bucket="0.0"'
+    assert a1[key] > a0.get(key, 0) and f1.get(key, 0) == f0.get(key, 0)
+    applied({"X-FP16-Budget": "0.5"})  # one 64-token block: k = 1 = every candidate
+    time.sleep(0.5)
+    f2, a2 = blocks()
+    key = 'budget_bucket="0.5"'
+    assert f2[key] - f0.get(key, 0) == a2[key] - a0.get(key, 0) > 0
+    assert "thrift_vllm_fp16_block_fraction" in _http(server, "GET", "/metrics").text
 
 
 @needs_vllm
@@ -534,7 +570,7 @@ def test_server_concurrent_streams_mixed_budgets(server):
         client = AsyncOpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0,
                              timeout=120)
         try:
-            return await asyncio.gather(*(one(client, i) for i in range(8)))
+            return await asyncio.gather(*(one(client, i) for i in range(32)))
         finally:
             await client.close()
 

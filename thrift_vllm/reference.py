@@ -102,13 +102,16 @@ def thrift_attention_reference(
     sm_scale: float | None = None,
     v_axis: str = "tokens",
     chunk_rows: int = 256,
+    fp4_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Reference ThriftAttention.
 
     q ``[B, Hq, Sq, D]``, k and v ``[B, Hkv, Skv, D]`` (fp16/bf16/fp32), ``sel`` int32
     ``[B, Hq, n_q_blocks, k]`` from ``select_blocks`` (-1 padded; empty last dim = pure FP4).
     Returns ``[B, Hq, Sq, D]`` in q's dtype. Queries are processed in chunks of ``chunk_rows`` to
-    bound memory (fp32 scores of one chunk against all keys).
+    bound memory (fp32 scores of one chunk against all keys). ``fp4_kv``: the FP4 tiles' keys and
+    values already dequantised (``[B, Hkv, Skv, D]`` each, e.g. read from a paged FP4 cache)
+    instead of quantising ``k`` and ``v`` here (``v_axis`` is then unused).
     """
     B, Hq, Sq, D = q.shape
     Hkv, Skv = k.shape[1], k.shape[2]
@@ -118,7 +121,11 @@ def thrift_attention_reference(
     scale = sm_scale if sm_scale is not None else D**-0.5
     tiles = tile_mask(sel, nk) if sel.shape[-1] else torch.zeros(
         B, Hq, grid.num_q_blocks, nk, dtype=torch.bool, device=q.device)
-    q4, k4, v4 = fp4_operands(q, k, v, quant_format, v_axis)
+    if fp4_kv is None:
+        q4, k4, v4 = fp4_operands(q, k, v, quant_format, v_axis)
+    else:
+        q4 = dequantize(quantize(q, quant_format, -1), torch.float32)
+        k4, v4 = (t.float() for t in fp4_kv)
     kf, vf = k.float(), v.float()
     if group > 1:
         kf, vf, k4, v4 = (t.repeat_interleave(group, dim=1) for t in (kf, vf, k4, v4))

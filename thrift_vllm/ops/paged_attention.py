@@ -1,0 +1,273 @@
+"""ThriftAttention over the paged FP4 KV cache on the Triton kernels (= ``thrift_vllm.paged``).
+
+* :func:`paged_select_triton`: decode selection from the summaries stored in the pages.
+* :func:`paged_decode_triton`: one query token per sequence, FP4 read straight from the pages;
+  every per-sequence quantity (seq_lens, k) is a device tensor and the grid depends only on the
+  batch size and the block table's width, so it launches without a host sync (CUDA graphs).
+* :func:`paged_attention_triton`: any batch (prefill, chunked prefill, decode, mixed), with
+  ``thrift_vllm.paged.paged_attention``'s arguments: decode rows go to the paged decode kernel
+  in one launch; each prefill sequence is gathered into contiguous buffers and run through the
+  contiguous prefill kernel (correct; not tuned).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import triton
+
+from thrift_vllm.formats import QuantizedTensor
+from thrift_vllm.kernels.paged_decode import _paged_decode_kernel, _paged_reduce_kernel
+from thrift_vllm.kernels.paged_select import _paged_select_kernel
+from thrift_vllm.kernels.prefill import _thrift_prefill_kernel
+from thrift_vllm.kv_layout import KVLayout
+from thrift_vllm.ops.attention import LOG2E, PREFILL_LAUNCH, decode_split_plan
+from thrift_vllm.ops.kv_write import cache_bytes, region_offsets
+from thrift_vllm.ops.quantize import dequantize_fp4, quantize_fp4, triton_interpreted
+from thrift_vllm.ops.select import MAX_KV_BLOCKS, select_blocks_triton
+from thrift_vllm.selection import BlockGrid, budget_to_k
+
+_TILE = 4096  # elements of the selection kernel's [BLOCK_D, N_POW2] summary tile
+
+
+def _check_decode(layout: KVLayout, query, key, value, block_table, seq_lens, num_fp16_blocks):
+    B, D = query.shape[0], query.shape[2]
+    if D != layout.head_size or query.dtype != layout.dtype:
+        raise ValueError(f"query {tuple(query.shape)} {query.dtype} does not match the layout "
+                         f"(D={layout.head_size}, {layout.dtype})")
+    for name, t in (("key", key), ("value", value)):
+        if t is not None and (t.dim() != 3 or t.shape[0] < B or t.shape[2] != D
+                              or t.dtype != query.dtype or t.stride(2) != 1):
+            raise ValueError(f"{name} must be [>= {B}, Hkv, {D}] {query.dtype}, last dim "
+                             f"contiguous; got {tuple(t.shape)} {t.dtype}")
+    if block_table.dim() != 2 or block_table.shape[0] < B or block_table.dtype != torch.int32:
+        raise ValueError(f"block_table must be int32 [>= {B}, max_pages], got "
+                         f"{block_table.dtype} {tuple(block_table.shape)}")
+    for name, t in (("seq_lens", seq_lens), ("num_fp16_blocks", num_fp16_blocks)):
+        if t.dim() != 1 or t.shape[0] < B or t.dtype != torch.int32:
+            raise ValueError(f"{name} must be int32 [>= {B}], got {t.dtype} {tuple(t.shape)}")
+    if query.stride(2) != 1:
+        raise ValueError("query needs a contiguous last dim")
+
+
+def _max_units(layout: KVLayout, block_table: torch.Tensor) -> int:
+    n = block_table.shape[1] * layout.n_units
+    if n > MAX_KV_BLOCKS:
+        raise ValueError(f"block table of {block_table.shape[1]} pages = {n} selection units "
+                         f"exceeds the selection kernel's {MAX_KV_BLOCKS}")
+    return n
+
+
+def paged_select_triton(
+    layout: KVLayout, kv_cache: torch.Tensor, query: torch.Tensor, *,
+    block_table: torch.Tensor, seq_lens: torch.Tensor, num_fp16_blocks: torch.Tensor,
+    force_sink_recent: bool = False, max_num_fp16_blocks: int | None = None,
+) -> torch.Tensor:
+    """Decode selection: int32 ``[B, Hkv, K]``, per (sequence, KV head) the
+    ``min(num_fp16_blocks[b], cdiv(seq_lens[b], U))`` selected units ascending, -1 padded.
+
+    query ``[B, Hq, D]`` (model dtype, the step's token of each sequence); block_table int32
+    ``[B, max_pages]``; seq_lens, num_fp16_blocks int32 ``[B]`` on the device. Scores from the
+    layout's stored summaries (block_mean / quest; local = most recent), as
+    ``select_blocks_reference`` on the sequence's stored keys. ``K`` = ``max_num_fp16_blocks``
+    (a host bound, e.g. the batch's largest k) or, by default, the table's unit capacity.
+    """
+    B, Hq, D = query.shape
+    Hkv = kv_cache.shape[1]
+    cache = cache_bytes(kv_cache, layout, Hkv)
+    n_max = _max_units(layout, block_table)
+    k_out = n_max if max_num_fp16_blocks is None else max(0, min(max_num_fp16_blocks, n_max))
+    out = torch.empty(B, Hkv, k_out, dtype=torch.int32, device=query.device)
+    if k_out == 0 or B == 0:
+        return out
+    offs = region_offsets(layout)
+    n_pow2 = max(triton.next_power_of_2(n_max), 2)
+    _paged_select_kernel[(B * Hkv,)](
+        query, cache, block_table, seq_lens, num_fp16_blocks, out,
+        query.stride(0), query.stride(1), block_table.stride(0), cache.stride(0),
+        cache.stride(1), out.stride(0), out.stride(1), k_out,
+        Hkv=Hkv, GROUP=Hq // Hkv, U=layout.unit, NU=layout.n_units, D=D,
+        SELECTION=layout.selection, N_POW2=n_pow2, BLOCK_D=min(D, max(_TILE // n_pow2, 1)),
+        FORCE_SINK_RECENT=bool(force_sink_recent), OFF_SUM=offs["OFF_SUM"],
+        OFF_MAX=offs["OFF_MAX"], num_warps=8 if n_pow2 >= 1024 else 4,
+    )
+    return out
+
+
+def paged_decode_triton(
+    layout: KVLayout, kv_cache: torch.Tensor, query: torch.Tensor, key: torch.Tensor | None,
+    value: torch.Tensor | None, *, block_table: torch.Tensor, seq_lens: torch.Tensor,
+    num_fp16_blocks: torch.Tensor, scale: float, force_sink_recent: bool = False,
+    out: torch.Tensor | None = None, max_num_fp16_blocks: int | None = None,
+    sel: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Paged ThriftAttention decode, after the step's K/V were written (``write_kv_triton``).
+
+    query ``[B, Hq, D]`` (row b = sequence b's one new token; fp16/bf16 = ``layout.dtype``);
+    key/value ``[B, Hkv, D]``: the step's fresh K/V (read in the nvfp4 layout only, may be None
+    in the auto layout); block_table int32 ``[B, max_pages]``; seq_lens int32 ``[B]`` (context
+    including the new token; 0 = idle row, output zeros); num_fp16_blocks int32 ``[B]``: FP16
+    units per sequence (``budget_to_k`` of a one-row grid); scale: softmax scale. ``sel``:
+    precomputed :func:`paged_select_triton` output. Returns ``out`` ``[B, Hq, D]``.
+    """
+    B, Hq, D = query.shape
+    _check_decode(layout, query, key, value, block_table, seq_lens, num_fp16_blocks)
+    Hkv = kv_cache.shape[1]
+    if Hq % Hkv:
+        raise ValueError(f"{Hq} query heads are not a multiple of {Hkv} KV heads")
+    if layout.kv_layout == "nvfp4" and (key is None or value is None):
+        raise ValueError("the nvfp4 layout needs the step's key and value")
+    key = query if key is None else key  # unused (auto): any pointer of the right dtype
+    value = query if value is None else value
+    cache = cache_bytes(kv_cache, layout, Hkv)
+    out = torch.empty_like(query) if out is None else out
+    if B == 0:
+        return out
+    if sel is None:
+        sel = paged_select_triton(layout, kv_cache, query, block_table=block_table,
+                                  seq_lens=seq_lens, num_fp16_blocks=num_fp16_blocks,
+                                  force_sink_recent=force_sink_recent,
+                                  max_num_fp16_blocks=max_num_fp16_blocks)
+    k_sel = sel.shape[-1]
+    sel_arg = sel if k_sel else torch.full((1, 1, 1), -1, dtype=torch.int32, device=query.device)
+    splits, per = decode_split_plan(B, Hkv, _max_units(layout, block_table))
+    acc = torch.empty(B, Hq, splits, D, dtype=torch.float32, device=query.device)
+    ml = torch.empty(B, Hq, splits, 2, dtype=torch.float32, device=query.device)
+    offs = region_offsets(layout)
+    offs.pop("OFF_SUM")
+    offs.pop("OFF_MAX")
+    _paged_decode_kernel[(B * Hkv, splits)](
+        query, key, value, cache, block_table, seq_lens, sel_arg, acc, ml,
+        scale * LOG2E, per, k_sel,
+        query.stride(0), query.stride(1), key.stride(0), key.stride(1), value.stride(0),
+        value.stride(1), block_table.stride(0), cache.stride(0), cache.stride(1),
+        sel_arg.stride(0), sel_arg.stride(1), *acc.stride()[:3], *ml.stride()[:3],
+        Hkv=Hkv, GROUP=Hq // Hkv, BLOCK_H=max(16, triton.next_power_of_2(Hq // Hkv)),
+        U=layout.unit, P=layout.page_size, D=D, G=layout.group, FMT=layout.quant_format,
+        AUTO=layout.kv_layout == "auto", K_POW2=triton.next_power_of_2(max(k_sel, 1)),
+        DOT_FP32=triton_interpreted(), num_warps=4, num_stages=2, **offs,
+    )
+    _paged_reduce_kernel[(B * Hq,)](
+        acc, ml, seq_lens, out, per, *acc.stride()[:3], *ml.stride()[:3], out.stride(0),
+        out.stride(1), Hq=Hq, U=layout.unit, D=D, SPLIT_POW2=triton.next_power_of_2(splits),
+    )
+    return out
+
+
+# --- prefill / chunked prefill: gather, then the contiguous prefill kernel ----------------------
+
+def _rows(t: torch.Tensor, pages: torch.Tensor) -> torch.Tensor:
+    """``t [nb, H, R, X]`` at ``pages`` -> ``[H, n_pages * R, X]``."""
+    g = t[pages].transpose(0, 1)
+    return g.reshape(g.shape[0], -1, g.shape[-1])
+
+
+def _deq(data: torch.Tensor, scales: torch.Tensor, layout: KVLayout) -> torch.Tensor:
+    """Stored FP4 bytes ``[..., R, X/2]`` + scale bytes -> bf16 ``[..., R, X]`` (exact)."""
+    sc = scales.view(torch.float8_e4m3fn) if layout.quant_format == "nvfp4" else scales
+    qt = QuantizedTensor(data.contiguous(), sc.contiguous(), layout.quant_format,
+                         data.dim() - 1, (*data.shape[:-1], data.shape[-1] * 2), torch.bfloat16)
+    return dequantize_fp4(qt)
+
+
+def _prefill_sequence(layout, views, q, key, value, pages, skv, budget, scale,
+                      force_sink_recent) -> torch.Tensor:
+    """One sequence's q ``[1, Hq, sq, D]`` against its pages; returns ``[1, Hq, sq, D]``."""
+    sq, D, U = q.shape[2], layout.head_size, layout.unit
+    s_pad = -(-skv // U) * U
+    k4 = _deq(_rows(views.k4, pages), _rows(views.k4_scales, pages), layout)[:, :skv]
+    if layout.kv_layout == "auto":  # v4 [nb, H, D, P/2]: pages side by side along tokens
+        v4t = _deq(views.v4[pages].permute(1, 2, 0, 3).flatten(-2),
+                   views.v4_scales[pages].permute(1, 2, 0, 3).flatten(-2), layout)
+        k16, v16, k_sel = _rows(views.k_hi, pages)[:, :skv], _rows(views.v_hi, pages)[:, :skv], None
+    else:
+        v4 = _deq(_rows(views.v4, pages), _rows(views.v4_scales, pages), layout)
+        v4t = v4.transpose(1, 2)
+        k_sel = k4
+        k16 = torch.cat([k4[:, :skv - sq].to(q.dtype), key.transpose(0, 1)], 1)
+        v16 = torch.cat([v4[:, :skv - sq].to(q.dtype), value.transpose(0, 1)], 1)
+    v4t = v4t[:, :, :s_pad].clone()
+    v4t[:, :, skv:] = 0  # stale slots of the last unit never enter
+    k16, v16 = k16[None].contiguous(), v16[None].contiguous()
+    k4, v4t = k4[None].contiguous(), v4t[None].contiguous()
+    k_sel = k16 if k_sel is None else k_sel[None]
+    grid = BlockGrid(sq, skv, U, True)
+    if budget_to_k(budget, grid) == 0:
+        sel = torch.empty(1, q.shape[1], grid.num_q_blocks, 0, dtype=torch.int32,
+                          device=q.device)
+    else:
+        sel = select_blocks_triton(q, k_sel, fp16_budget=budget, selection=layout.selection,
+                                   block_size=U, causal=True, force_sink_recent=force_sink_recent)
+    k_n = sel.shape[-1]
+    use_fp4 = int(k_n < budget_to_k(1.0, grid))
+    qq = quantize_fp4(q, layout.quant_format, -1)
+    sel_arg = sel if k_n else torch.full((1, 1, 1, 1), -1, dtype=torch.int32, device=q.device)
+    out = torch.empty_like(q)
+    u8 = qq.scales.view(torch.uint8)
+    z3 = (0, 0, 0)
+    _thrift_prefill_kernel[(grid.num_q_blocks, q.shape[1])](
+        q, k16, v16, qq.data, u8, qq.data, u8, qq.data, u8, k4, k4, v4t, v4t, sel_arg, out,
+        sq, skv, grid.num_kv_blocks, grid.first_q_block, grid.q_offset, k_n, scale * LOG2E,
+        use_fp4, *q.stride()[:3], *k16.stride()[:3], *qq.data.stride()[:3], *u8.stride()[:3],
+        *z3, *z3, *z3, *z3, *k4.stride()[:3], 0, 0, *v4t.stride()[:3], 0, 0,
+        *sel_arg.stride()[:3], *out.stride()[:3],
+        Hq=q.shape[1], GROUP=q.shape[1] // k16.shape[1], BLOCK=U, D=D, G=layout.group,
+        FMT=layout.quant_format, FP4_MATH="bf16", CAUSAL=True, DOT_FP32=triton_interpreted(),
+        **PREFILL_LAUNCH["bf16"],
+    )
+    return out
+
+
+def paged_attention_triton(
+    layout: KVLayout, kv_cache: torch.Tensor, query: torch.Tensor, key: torch.Tensor | None,
+    value: torch.Tensor | None, *, query_start_loc: Sequence[int], seq_lens: Sequence[int],
+    block_table: torch.Tensor, fp16_budgets: Sequence[float], scale: float,
+    force_sink_recent: bool = False, output: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``thrift_vllm.paged.paged_attention`` on the Triton kernels (same arguments, except the
+    cache itself instead of its views): query ``[T, Hq, D]``, key/value ``[T, Hkv, D]`` (the
+    step's fresh K/V), host ``query_start_loc [B + 1]``, ``seq_lens [B]``, ``fp16_budgets [B]``;
+    block_table int32 ``[B, max_pages]``. Returns ``output [T, Hq, D]`` (rows of no sequence
+    untouched). Sequences with one query go through one paged decode launch; longer ones are
+    gathered and run through the contiguous prefill kernel, one launch set per sequence.
+    """
+    if query.dim() != 3 or query.shape[2] != layout.head_size:
+        raise ValueError(f"query must be [T, Hq, {layout.head_size}], got {tuple(query.shape)}")
+    B = len(seq_lens)
+    if len(query_start_loc) != B + 1 or len(fp16_budgets) != B:
+        raise ValueError(f"{B} sequences need {B + 1} query_start_loc and {B} budgets")
+    if layout.kv_layout == "nvfp4" and (key is None or value is None):
+        raise ValueError("the nvfp4 layout needs the step's key and value")
+    output = torch.empty_like(query) if output is None else output
+    dec = [i for i in range(B) if query_start_loc[i + 1] - query_start_loc[i] == 1]
+    if dec:
+        dev = query.device
+        rows = torch.tensor([query_start_loc[i] for i in dec], dtype=torch.long, device=dev)
+        ks = [budget_to_k(float(fp16_budgets[i]), BlockGrid(1, seq_lens[i], layout.unit, True))
+              for i in dec]
+        idx = torch.tensor(dec, dtype=torch.long, device=dev)
+        out = paged_decode_triton(
+            layout, kv_cache, query[rows],
+            None if key is None else key[rows], None if value is None else value[rows],
+            block_table=block_table[idx].to(torch.int32).contiguous(),
+            seq_lens=torch.tensor([seq_lens[i] for i in dec], dtype=torch.int32, device=dev),
+            num_fp16_blocks=torch.tensor(ks, dtype=torch.int32, device=dev), scale=scale,
+            force_sink_recent=force_sink_recent, max_num_fp16_blocks=max(ks))
+        output[rows] = out.to(output.dtype)
+    views = None
+    for i in range(B):
+        q0, q1, skv = query_start_loc[i], query_start_loc[i + 1], seq_lens[i]
+        if q1 - q0 <= 1:
+            continue
+        if q1 - q0 > skv:
+            raise ValueError(f"sequence {i}: {q1 - q0} queries but seq_len {skv}")
+        views = layout.views(kv_cache) if views is None else views
+        pages = block_table[i, :-(-skv // layout.page_size)].to(torch.int64)
+        q = query[q0:q1].transpose(0, 1)[None].contiguous()
+        kn = None if key is None else key[q0:q1]
+        vn = None if value is None else value[q0:q1]
+        out = _prefill_sequence(layout, views, q, kn, vn, pages, skv, float(fp16_budgets[i]),
+                                scale, force_sink_recent)
+        output[q0:q1] = out[0].transpose(0, 1).to(output.dtype)
+    return output

@@ -1,0 +1,232 @@
+"""Paged Triton kernels (KV write, paged selection, paged decode, prefill path) against the
+PyTorch paged reference ``thrift_vllm.paged`` (TRITON_INTERPRET=1 on CPU, set by conftest).
+
+Every case builds a fresh cache with a shuffled block table (spare pages in between), awkward
+sequence lengths (partial pages and units) and per-sequence budgets in one batch.
+
+Tolerances.
+* Write: bit-exact for every region (model-dtype copies, FP4 bytes and scales, min/max), except
+  ``k_mean``: an fp32 sum whose order differs between ``tl.sum`` and torch's reduction, so it is
+  held to 4 fp32 ulps of the sum of magnitudes (it is bit-exact whenever the sum is exact, e.g.
+  the dequantised FP4 keys of the nvfp4 layout).
+* Selection: the unit lists equal ``select_blocks_reference`` on the sequence's stored keys
+  exactly (the scores differ only in fp32 summation order; random data has no near-ties).
+* Attention: the reference is fp32 throughout; the kernels round P to the model dtype in the FP16
+  units (as FlashAttention does), round the output to the model dtype, sum in another order (fp32)
+  and may flip the rare e2m1 rounding tie of the P quantisation that fp32 noise moves. The output
+  rounding alone is ~2**-12 (fp16) / 2**-9 (bf16) relative: as tests/test_attention_kernels.py,
+  we allow a relative error (Frobenius, per sequence) of 2e-3 (fp16) and 1e-2 (bf16).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from thrift_vllm.kv_layout import KVLayout
+from thrift_vllm.ops.kv_write import write_kv_triton
+from thrift_vllm.ops.paged_attention import (
+    paged_attention_triton,
+    paged_decode_triton,
+    paged_select_triton,
+)
+from thrift_vllm.paged import gather_sequence, paged_attention, write_kv
+from thrift_vllm.selection import BlockGrid, budget_to_k, select_blocks_reference
+
+TOL = {torch.float16: 2e-3, torch.bfloat16: 1e-2}
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _rel(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp(min=1e-30)).item()
+
+
+class Batch:
+    """A cache with a shuffled block table for ``seq_lens``; the history (all but the last
+    ``q_lens`` tokens) written by the reference, the step's K/V and queries drawn."""
+
+    def __init__(self, layout, seq_lens, q_lens, Hkv, group, seed):
+        g = torch.Generator().manual_seed(seed)
+        P, D, dt = layout.page_size, layout.head_size, layout.dtype
+        self.layout, self.seq_lens, self.q_lens = layout, list(seq_lens), list(q_lens)
+        n_pages = [-(-s // P) for s in seq_lens]
+        nb = sum(n_pages) + 5
+        perm = torch.randperm(nb, generator=g)
+        self.block_table = torch.zeros(len(seq_lens), max(n_pages) + 1, dtype=torch.int32)
+        c = 0
+        for i, n in enumerate(n_pages):
+            self.block_table[i, :n] = perm[c:c + n]
+            c += n
+        self.cache = layout.allocate(nb, Hkv)
+        self.cache.view(torch.uint8).random_(0, 256, generator=g)  # stale garbage everywhere
+        # stale garbage is finite FP4 data; keep NaN/inf bytes out of model-dtype/fp32 regions
+        views = layout.views(self.cache)
+        for t in (views.k_hi, views.v_hi, views.k_mean, views.k_min, views.k_max):
+            if t is not None:
+                t.copy_(torch.randn(t.shape, generator=g).to(t.dtype))
+        hist = self.slots(lambda s, q: range(0, s - q))
+        if hist.numel():
+            k = torch.randn(hist.numel(), Hkv, D, generator=g).to(dt)
+            v = torch.randn(hist.numel(), Hkv, D, generator=g).to(dt)
+            write_kv(layout, views, k, v, hist)
+        self.step_slots = self.slots(lambda s, q: range(s - q, s))
+        T = self.step_slots.numel()
+        self.key = torch.randn(T, Hkv, D, generator=g).to(dt)
+        self.value = torch.randn(T, Hkv, D, generator=g).to(dt)
+        self.query = torch.randn(T, Hkv * group, D, generator=g).to(dt)
+        self.qsl = [0]
+        for q in q_lens:
+            self.qsl.append(self.qsl[-1] + q)
+
+    def slots(self, positions):
+        P = self.layout.page_size
+        out = [int(self.block_table[i, p // P]) * P + p % P
+               for i, (s, q) in enumerate(zip(self.seq_lens, self.q_lens, strict=True))
+               for p in positions(s, q)]
+        return torch.tensor(out, dtype=torch.int64)
+
+
+def _compare_caches(layout, got, ref):
+    vg, vr = layout.views(got), layout.views(ref)
+    for name in vr._fields:
+        a, b = getattr(vg, name), getattr(vr, name)
+        if b is None:
+            continue
+        if name == "k_mean":
+            # 4 ulps of the sum of magnitudes; bit-exact where the sum is exact
+            bound = 4 * torch.finfo(torch.float32).eps * (b.abs() + 1e-30) * layout.unit
+            assert ((a - b).abs() <= bound).all(), name
+        else:
+            assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)), name
+
+
+# (kv_layout, fmt, selection, dtype, D, page, unit)
+WRITE_CASES = [
+    ("auto", "nvfp4", "block_mean", torch.float16, 64, 64, 32),
+    ("auto", "mxfp4", "quest", torch.bfloat16, 128, 128, 64),
+    ("auto", "nvfp4", "local", torch.bfloat16, 64, 64, 64),
+    ("nvfp4", "nvfp4", "quest", torch.float16, 128, 64, 32),
+    ("nvfp4", "mxfp4", "block_mean", torch.bfloat16, 64, 128, 128),
+    ("nvfp4", "nvfp4", "local", torch.float16, 64, 64, 64),
+]
+
+
+@pytest.mark.parametrize("case", WRITE_CASES, ids=lambda c: "-".join(map(str, c[:3])))
+def test_write_bit_exact(case):
+    kvl, fmt, sel, dt, D, P, U = case
+    lay = KVLayout(kvl, D, P, U, fmt, sel, dt)
+    seq_lens = (1, 63, 65, 200)
+    b = Batch(lay, seq_lens, (1, 20, 3, 70), Hkv=2, group=1, seed=WRITE_CASES.index(case))
+    ref = b.cache.clone()
+    got = b.cache.clone()
+    # the step in one call, with a padding slot and extra key rows past the mapping
+    slots = torch.cat([b.step_slots[:5], torch.tensor([-1]), b.step_slots[5:]])
+    key = torch.cat([b.key[:5], b.key[:1], b.key[5:], b.key[:2]])
+    value = torch.cat([b.value[:5], b.value[:1], b.value[5:], b.value[:2]])
+    write_kv(lay, lay.views(ref), key, value, slots)
+    write_kv_triton(key.to(DEVICE), value.to(DEVICE), got.to(DEVICE), slots.to(DEVICE), lay)
+    _compare_caches(lay, got.cpu(), ref)
+    # then a decode step on top (one token per sequence, tokens in shuffled order)
+    dec = torch.tensor([int(b.block_table[i, s // P]) * P + s % P for i, s in
+                        enumerate(seq_lens) if s % P], dtype=torch.int64).flip(0)
+    k2 = torch.randn(dec.numel(), 2, D).to(dt)
+    v2 = torch.randn(dec.numel(), 2, D).to(dt)
+    write_kv(lay, lay.views(ref), k2, v2, dec)
+    write_kv_triton(k2, v2, got, dec, lay)
+    _compare_caches(lay, got, ref)
+
+
+# (kv_layout, fmt, selection, dtype, D, Hkv, group, page, unit)
+DECODE_CASES = [
+    ("auto", "nvfp4", "block_mean", torch.float16, 64, 2, 4, 64, 32),
+    ("auto", "mxfp4", "quest", torch.bfloat16, 128, 1, 8, 64, 64),
+    ("auto", "nvfp4", "local", torch.bfloat16, 128, 2, 4, 128, 64),
+    ("nvfp4", "nvfp4", "block_mean", torch.bfloat16, 64, 1, 8, 64, 64),
+    ("nvfp4", "mxfp4", "quest", torch.float16, 64, 2, 4, 64, 32),
+    ("nvfp4", "nvfp4", "local", torch.float16, 128, 1, 4, 64, 32),
+]
+BUDGET_ROTATIONS = [(0.0, 0.05, 0.5, 1.0), (0.5, 1.0, 0.0, 0.05), (0.05, 0.0, 1.0, 0.5)]
+
+
+@pytest.mark.parametrize("ci", range(len(DECODE_CASES)),
+                         ids=lambda i: "-".join(map(str, DECODE_CASES[i][:3])))
+def test_decode_matches_reference(ci):
+    kvl, fmt, sel, dt, D, Hkv, group, P, U = DECODE_CASES[ci]
+    lay = KVLayout(kvl, D, P, U, fmt, sel, dt)
+    seq_lens = (1, 63, 65, 200)
+    budgets = BUDGET_ROTATIONS[ci % len(BUDGET_ROTATIONS)]
+    b = Batch(lay, seq_lens, (1,) * 4, Hkv, group, seed=100 + ci)
+    write_kv_triton(b.key, b.value, b.cache, b.step_slots, lay)
+    views = lay.views(b.cache)
+    ref = paged_attention(lay, views, b.query, b.key, b.value, query_start_loc=b.qsl,
+                          seq_lens=list(seq_lens), block_table=b.block_table,
+                          fp16_budgets=list(budgets), scale=D**-0.5)
+    # selection from the stored summaries == the reference on the stored keys
+    ks = [budget_to_k(f, BlockGrid(1, s, U, True)) for f, s in zip(budgets, seq_lens,
+                                                                    strict=True)]
+    seq_t = torch.tensor(seq_lens, dtype=torch.int32)
+    k_t = torch.tensor(ks, dtype=torch.int32)
+    got_sel = paged_select_triton(lay, b.cache, b.query, block_table=b.block_table,
+                                  seq_lens=seq_t, num_fp16_blocks=k_t)
+    for i, s in enumerate(seq_lens):
+        kv = gather_sequence(lay, views, b.block_table[i, :-(-s // P)].long(), s)
+        k_sel = kv["k_hi"] if kvl == "auto" else kv["k4"]
+        want = select_blocks_reference(b.query[i][None, :, None], k_sel[None],
+                                       fp16_budget=budgets[i], selection=sel, block_size=U,
+                                       causal=True)
+        want = want[0, ::group, 0]  # [Hkv, k]: one list per KV head in decode
+        row = got_sel[i, :, :want.shape[-1]]
+        assert torch.equal(row, want), (i, row, want)
+        assert (got_sel[i, :, want.shape[-1]:] == -1).all()
+    out = paged_decode_triton(lay, b.cache, b.query, b.key, b.value, block_table=b.block_table,
+                              seq_lens=seq_t, num_fp16_blocks=k_t, scale=D**-0.5, sel=got_sel)
+    for i in range(len(seq_lens)):
+        assert not torch.isnan(out[i]).any()
+        assert _rel(out[i], ref[i]) < TOL[dt], (i, seq_lens[i], budgets[i], _rel(out[i], ref[i]))
+
+
+def test_decode_idle_rows_and_graph_style_launch():
+    """seq_len 0 rows (CUDA-graph padding) give zeros and leave the others unchanged; the
+    default list width (the table's capacity) gives the same result as a tight one."""
+    lay = KVLayout("nvfp4", 64, 64, 32, "nvfp4", "block_mean", torch.float16)
+    b = Batch(lay, (65, 130), (1, 1), Hkv=1, group=4, seed=7)
+    write_kv_triton(b.key, b.value, b.cache, b.step_slots, lay)
+    q = torch.cat([b.query, b.query[:1]])
+    kn, vn = torch.cat([b.key, b.key[:1]]), torch.cat([b.value, b.value[:1]])
+    bt = torch.cat([b.block_table, b.block_table[:1]])
+    seq = torch.tensor([65, 130, 0], dtype=torch.int32)
+    ks = torch.tensor([1, 2, 3], dtype=torch.int32)
+    wide = paged_decode_triton(lay, b.cache, q, kn, vn, block_table=bt, seq_lens=seq,
+                               num_fp16_blocks=ks, scale=0.125)
+    tight = paged_decode_triton(lay, b.cache, q, kn, vn, block_table=bt, seq_lens=seq,
+                                num_fp16_blocks=ks, scale=0.125, max_num_fp16_blocks=3)
+    assert torch.equal(wide, tight)
+    assert (wide[2] == 0).all()
+    ref = paged_attention(lay, lay.views(b.cache), b.query, b.key, b.value,
+                          query_start_loc=b.qsl, seq_lens=[65, 130], block_table=b.block_table,
+                          fp16_budgets=[0.5, 0.5], scale=0.125)
+    assert _rel(wide[:2], ref) < TOL[torch.float16]
+
+
+MIXED_CASES = [
+    ("auto", "nvfp4", "block_mean", torch.float16, 64, 2, 4),
+    ("nvfp4", "mxfp4", "quest", torch.bfloat16, 128, 1, 8),
+]
+
+
+@pytest.mark.parametrize("case", MIXED_CASES, ids=lambda c: "-".join(map(str, c[:3])))
+def test_mixed_batch_prefill_path(case):
+    """Chunked prefill, prefill and decode rows in one batch (paged_attention_triton)."""
+    kvl, fmt, sel, dt, D, Hkv, group = case
+    lay = KVLayout(kvl, D, 64, 32, fmt, sel, dt)
+    seq_lens, q_lens, budgets = (63, 200, 65, 70), (1, 5, 65, 70), (0.5, 0.05, 1.0, 0.0)
+    b = Batch(lay, seq_lens, q_lens, Hkv, group, seed=11)
+    write_kv_triton(b.key, b.value, b.cache, b.step_slots, lay)
+    kw = dict(query_start_loc=b.qsl, seq_lens=list(seq_lens), block_table=b.block_table,
+              fp16_budgets=list(budgets), scale=D**-0.5)
+    ref = paged_attention(lay, lay.views(b.cache), b.query, b.key, b.value, **kw)
+    out = paged_attention_triton(lay, b.cache, b.query, b.key, b.value, **kw)
+    for i in range(len(seq_lens)):
+        a, r = out[b.qsl[i]:b.qsl[i + 1]], ref[b.qsl[i]:b.qsl[i + 1]]
+        assert _rel(a, r) < TOL[dt], (i, _rel(a, r))

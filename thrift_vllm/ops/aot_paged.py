@@ -1,0 +1,124 @@
+"""Ahead-of-time compile of the paged kernels (KV write, paged select/decode/reduce), no GPU.
+
+Every Triton launch of ``write_kv_triton`` and ``paged_decode_triton`` on meta tensors is
+recorded and compiled for ``GPUTarget("cuda", arch, 32)`` with the JIT's specialisation (as
+``thrift_vllm.ops.aot.compile_kernel``). Run without the interpreter::
+
+    env -u TRITON_INTERPRET python -m thrift_vllm.ops.aot_paged --arch 90 100 120
+
+Prints one JSON line per (arch, layout, kernel): registers, spills (STACK/LOCAL bytes), MMA ops.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import re
+from unittest import mock
+
+
+def capture(kv_layout: str, fmt: str, selection: str, dtype: str = "fp16", D: int = 128,
+            B: int = 16, Hq: int = 32, Hkv: int = 8, P: int = 64, U: int = 64,
+            max_pages: int = 512):
+    """[(JITFunction, bound args, options)] of the write and decode launches on meta tensors."""
+    import torch
+    from triton.runtime.jit import JITFunction
+
+    from thrift_vllm.kv_layout import KVLayout
+    from thrift_vllm.ops.kv_write import write_kv_triton
+    from thrift_vllm.ops.paged_attention import paged_decode_triton
+
+    dt = {"fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+    lay = KVLayout(kv_layout, D, P, U, fmt, selection, dt)
+    meta = dict(device="meta")
+    cache = torch.empty(B * max_pages, Hkv, P, lay.bytes_per_head_token, dtype=torch.uint8,
+                        **meta)
+    q = torch.empty(B, Hq, D, dtype=dt, **meta)
+    k = torch.empty(B, Hkv, D, dtype=dt, **meta)
+    i32 = dict(dtype=torch.int32, **meta)
+    calls = []
+
+    def record(self, *args, grid, warmup, **kw):
+        calls.append((self, args, kw))
+
+    with mock.patch.object(JITFunction, "run", record):
+        write_kv_triton(k, k, cache, torch.empty(B, dtype=torch.int64, **meta), lay)
+        paged_decode_triton(lay, cache, q, k, k, block_table=torch.empty(B, max_pages, **i32),
+                            seq_lens=torch.empty(B, **i32), num_fp16_blocks=torch.empty(B, **i32),
+                            scale=D**-0.5, max_num_fp16_blocks=64)
+    out = []
+    for fn, args, kw in calls:
+        bound = dict(zip(fn.arg_names, args, strict=False))
+        options = {}
+        for name, val in kw.items():
+            (bound if name in fn.arg_names else options)[name] = val
+        for p in fn.params:
+            name = fn.arg_names[p.num]
+            if name not in bound and p.default is not inspect.Parameter.empty:
+                bound[name] = p.default
+        out.append((fn, bound, options))
+    return out
+
+
+def compile_one(fn, args: dict, options: dict, arch: int):
+    """triton.compile with the JIT's specialisation (tensors 16-byte aligned pointers, ints
+    equal to 1 constant, multiples of 16 with divisibility hints)."""
+    import torch
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    from thrift_vllm.ops.aot import _TORCH_TO_TRITON
+
+    const_params = {fn.arg_names[p.num] for p in fn.params if p.is_constexpr}
+    signature, constexprs, attrs = {}, {}, {}
+    for i, name in enumerate(fn.arg_names):
+        val = args[name]
+        if name in const_params or val is None:
+            signature[name], constexprs[name] = "constexpr", val
+        elif isinstance(val, torch.Tensor):
+            signature[name] = "*" + _TORCH_TO_TRITON[str(val.dtype).removeprefix("torch.")]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(val, float):
+            signature[name] = "fp32"
+        elif val == 1:
+            signature[name], constexprs[name] = "constexpr", 1
+        else:
+            signature[name] = "i32" if -(2**31) <= val < 2**31 else "i64"
+            if val % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from thrift_vllm.ops.aot import _check_not_interpreted, resource_usage
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arch", type=int, nargs="+", default=[90, 100, 120])
+    ap.add_argument("--dtype", default="fp16", choices=("fp16", "bf16"))
+    ap.add_argument("--head-dim", type=int, default=128)
+    a = ap.parse_args(argv)
+    _check_not_interpreted()
+    cases = [("auto", "nvfp4", "block_mean"), ("nvfp4", "nvfp4", "quest"),
+             ("nvfp4", "mxfp4", "local")]
+    failed = 0
+    for arch in a.arch:
+        for kvl, fmt, sel in cases:
+            for fn, args, options in capture(kvl, fmt, sel, a.dtype, a.head_dim):
+                row = dict(arch=arch, kv_layout=kvl, fmt=fmt, selection=sel, kernel=fn.__name__)
+                try:
+                    ck = compile_one(fn, args, options, arch)
+                    row.update(resource_usage(ck.asm["cubin"]))
+                    row["mma"] = sorted(set(re.findall(r"\b(?:mma\.sync|wgmma\.mma_async)[\w.]*",
+                                                       ck.asm["ptx"])))[:3]
+                    row["ok"] = True
+                except Exception as e:  # report and go on: one line per case
+                    row.update(ok=False, error=f"{type(e).__name__}: {str(e)[-400:]}")
+                    failed += 1
+                print(json.dumps(row), flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -8,8 +8,9 @@ Two launches per step (the second reads what the first wrote for other tokens of
 2. ``_kv_write_groups_kernel``, one program per (token, KV head): the token that wrote the
    largest offset of a V group (auto layout) re-quantises that group from ``v_hi`` over offsets
    ``<=`` its own, and the one that wrote the largest offset of a selection unit recomputes the
-   unit's fp32 summaries. "Largest" is decided by scanning the whole ``slot_mapping``, so the
-   result does not depend on token order; duplicate slots are not supported (vLLM has none).
+   unit's fp32 summaries. "Largest" is decided from the slots within one group / unit length
+   of the token in ``slot_mapping`` (a request's tokens are contiguous there, in vLLM), so it
+   costs O(T * U) and does not depend on the order inside a run; slots must be distinct.
 
 The cache is addressed as raw bytes (``Cache``: uint8 base pointer; region offsets in bytes,
 ``KVLayout.region_offset``), with typed pointers cast per region.
@@ -95,16 +96,14 @@ def _kv_write_tokens_kernel(
 
 
 @triton.jit
-def _later_writes(Slots, T, slot, span, SCAN: tl.constexpr):
-    """Number of slots in Slots [T] in the same aligned ``span``-token run as ``slot`` (same
-    page, since span divides P) at a larger offset."""
-    n = 0
-    mine = slot // span
-    for c in range(0, T, SCAN):
-        offs = c + tl.arange(0, SCAN)
-        s = tl.load(Slots + offs, mask=offs < T, other=-1).to(tl.int64)
-        n += tl.sum(((s >= 0) & (s // span == mine) & (s > slot)).to(tl.int32), axis=0)
-    return n
+def _later_writes(Slots, T, t, slot, SPAN: tl.constexpr):
+    """Number of slots among Slots[t - SPAN .. t + SPAN) in the same aligned SPAN-token run as
+    ``slot`` (the same V group / unit of the same page, as SPAN divides P) at a larger offset.
+    The tokens writing one run lie within SPAN positions of each other in ``slot_mapping``
+    (vLLM: a request's tokens are contiguous), in any order."""
+    offs = t - SPAN + tl.arange(0, 2 * SPAN)
+    s = tl.load(Slots + offs, mask=(offs >= 0) & (offs < T), other=-1).to(tl.int64)
+    return tl.sum(((s >= 0) & (s // SPAN == slot // SPAN) & (s > slot)).to(tl.int32), axis=0)
 
 
 @triton.jit
@@ -164,7 +163,7 @@ def _unit_summaries(page, row, Key, U: tl.constexpr, D: tl.constexpr, G: tl.cons
 def _kv_write_groups_kernel(
     Key, Slots, Cache, T, stride_cb, stride_ch,
     D: tl.constexpr, G: tl.constexpr, P: tl.constexpr, U: tl.constexpr, FMT: tl.constexpr,
-    AUTO: tl.constexpr, SUMMARY: tl.constexpr, SCAN: tl.constexpr,
+    AUTO: tl.constexpr, SUMMARY: tl.constexpr,
     OFF_KHI: tl.constexpr, OFF_VHI: tl.constexpr, OFF_K4: tl.constexpr, OFF_K4S: tl.constexpr,
     OFF_V4: tl.constexpr, OFF_V4S: tl.constexpr, OFF_SUM: tl.constexpr, OFF_MAX: tl.constexpr,
 ):
@@ -179,9 +178,9 @@ def _kv_write_groups_kernel(
         row = slot % P
         page = Cache + (slot // P) * stride_cb + h * stride_ch
         if AUTO:
-            if _later_writes(Slots, T, slot, G, SCAN) == 0:
+            if _later_writes(Slots, T, t, slot, G) == 0:
                 _requant_v_group(page, row, Key, G, P, D, FMT, OFF_VHI, OFF_V4, OFF_V4S)
         if SUMMARY != "none":
-            if _later_writes(Slots, T, slot, U, SCAN) == 0:
+            if _later_writes(Slots, T, t, slot, U) == 0:
                 _unit_summaries(page, row, Key, U, D, G, FMT, AUTO, SUMMARY == "minmax",
                                 OFF_KHI, OFF_K4, OFF_K4S, OFF_SUM, OFF_MAX)

@@ -120,10 +120,14 @@ def test_write_bit_exact(case):
     b = Batch(lay, seq_lens, (1, 20, 3, 70), Hkv=2, group=1, seed=WRITE_CASES.index(case))
     ref = b.cache.clone()
     got = b.cache.clone()
-    # the step in one call, with a padding slot and extra key rows past the mapping
-    slots = torch.cat([b.step_slots[:5], torch.tensor([-1]), b.step_slots[5:]])
-    key = torch.cat([b.key[:5], b.key[:1], b.key[5:], b.key[:2]])
-    value = torch.cat([b.value[:5], b.value[:1], b.value[5:], b.value[:2]])
+    # the step in one call, with a padding slot and extra key rows past the mapping; every
+    # other case with the tokens in reverse order (a page's run stays contiguous)
+    st, sk, sv = b.step_slots, b.key, b.value
+    if WRITE_CASES.index(case) % 2:
+        st, sk, sv = st.flip(0), sk.flip(0), sv.flip(0)
+    slots = torch.cat([st[:5], torch.tensor([-1]), st[5:]])
+    key = torch.cat([sk[:5], sk[:1], sk[5:], sk[:2]])
+    value = torch.cat([sv[:5], sv[:1], sv[5:], sv[:2]])
     write_kv(lay, lay.views(ref), key, value, slots)
     write_kv_triton(key.to(DEVICE), value.to(DEVICE), got.to(DEVICE), slots.to(DEVICE), lay)
     _compare_caches(lay, got.cpu(), ref)

@@ -8,9 +8,7 @@ import triton
 from thrift_vllm.kernels.kv_write import _kv_write_groups_kernel, _kv_write_tokens_kernel
 from thrift_vllm.kv_layout import KVLayout
 
-# Tokens per program of the per-token pass; slots scanned per step of the leader search.
-BLOCK_T = 16
-SCAN = 256
+BLOCK_T = 16  # tokens per program of the per-token pass
 
 
 def region_offsets(layout: KVLayout) -> dict[str, int]:
@@ -46,7 +44,9 @@ def write_kv_triton(
     key, value: ``[T, Hkv, D]`` in ``layout.dtype`` (last dim contiguous; extra rows past
     ``slot_mapping``'s length are ignored). kv_cache: ``[num_blocks, Hkv, P, C / itemsize]`` laid
     out as ``layout``. slot_mapping: int ``[T']`` (``T' <= T``), ``block * P + offset``, -1 = skip;
-    slots must be distinct. Writes the per-token FP4 codes (and model-dtype copies in the auto
+    slots must be distinct, and the slots of one page written in a step must lie within one
+    selection unit of each other in ``slot_mapping`` (vLLM: a request's tokens are contiguous
+    and in order). Writes the per-token FP4 codes (and model-dtype copies in the auto
     layout), re-quantises every touched V group (auto) and recomputes the summaries of every
     touched selection unit. Two launches, no host synchronisation.
     """
@@ -85,6 +85,6 @@ def write_kv_triton(
         return
     _kv_write_groups_kernel[(T, Hkv)](
         key, slot_mapping, cache, T, cache.stride(0), cache.stride(1),
-        U=layout.unit, SUMMARY=summary, SCAN=SCAN, **common,
+        U=layout.unit, SUMMARY=summary, **common,
         **offs,
     )

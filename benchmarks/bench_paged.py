@@ -1,0 +1,292 @@
+"""Paged FP4 KV cache on one GPU (H200): correctness check, then paged decode timings.
+
+    python benchmarks/bench_paged.py --out bench_paged.json [--quick] [--skip-check]
+
+Sections:
+* ``check``: the Triton write (bit-exact but k_mean) and paged attention (decode and mixed
+  prefill batches) against ``thrift_vllm.paged`` on small shapes, fresh random data, shuffled
+  block tables, both layouts.
+* ``decode``: batch 1-64 x context 8K-128K, Hq=32, Hkv=8, D=128, bf16, page 64, unit 64, budget
+  5 %: the auto and nvfp4 layouts (selection from stored summaries + FP4 decode + reduce), and an
+  fp16 paged baseline = the same paged kernel on the auto layout with every unit selected (reads
+  only the model-dtype k_hi/v_hi pages through the block table: a split-KV GQA fp16 decode).
+  Also the decode step's KV write (B tokens). Block tables are shuffled; pages hold random
+  finite data (timing does not depend on values).
+
+Robustness: every row is appended to the JSON as soon as it is measured; an OOM or error
+skips the row (recorded); a wall-clock budget (--budget-s) skips the remaining rows; the table
+is printed last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+import traceback
+
+import torch
+
+from thrift_vllm.kv_layout import KVLayout
+from thrift_vllm.ops.kv_write import write_kv_triton
+from thrift_vllm.ops.paged_attention import (
+    paged_attention_triton,
+    paged_decode_triton,
+    paged_select_triton,
+)
+from thrift_vllm.paged import paged_attention, write_kv
+from thrift_vllm.selection import BlockGrid, budget_to_k
+
+ROWS: list[dict] = []
+T0 = time.time()
+DEV = "cuda"  # "cpu" only for a dry run of the script under TRITON_INTERPRET=1 (--dry-run)
+
+
+def bench(fn, reps: int = 20) -> float:
+    """Median milliseconds over ``reps`` calls after two warm-ups (CUDA events)."""
+    fn()
+    fn()
+    if DEV != "cuda":
+        t = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t) * 1e3
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b))
+    times.sort()
+    return times[len(times) // 2]
+
+
+def emit(out: str, row: dict) -> None:
+    row["t_s"] = round(time.time() - T0, 1)
+    ROWS.append(row)
+    print(json.dumps(row), flush=True)
+    with open(out, "w") as f:
+        name = torch.cuda.get_device_name() if DEV == "cuda" else DEV
+        json.dump({"device": name, "torch": torch.__version__,
+                   "rows": ROWS}, f, indent=1)
+
+
+def shuffled_table(B: int, pages: int, g: torch.Generator, spare: int = 3):
+    nb = B * pages + spare
+    perm = torch.randperm(nb, generator=g, device=DEV).to(torch.int32)
+    return perm[: B * pages].view(B, pages).contiguous(), nb
+
+
+# --- check ---------------------------------------------------------------------------------------
+
+def check(out: str, quick: bool) -> bool:
+    """The reference runs on CPU copies (plain PyTorch, fp32), the kernels on the GPU."""
+    ok_all = True
+    cases = [("auto", "nvfp4", "block_mean", torch.bfloat16), ("nvfp4", "nvfp4", "quest",
+             torch.float16), ("nvfp4", "mxfp4", "local", torch.bfloat16),
+             ("auto", "mxfp4", "quest", torch.float16)]
+    Hq, Hkv, D, P = (32, 8, 128, 64) if DEV == "cuda" else (8, 2, 64, 64)
+    for kvl, fmt, sel, dt in cases[: 2 if quick else 4]:
+        for kind in ("decode", "mixed"):
+            g = torch.Generator().manual_seed(0)
+            lay = KVLayout(kvl, D, P, 64, fmt, sel, dt)
+            seq_lens = [1, 63, 1000, 4097] if kind == "decode" else [63, 1000, 300, 4097]
+            q_lens = [1, 1, 1, 1] if kind == "decode" else [1, 64, 300, 129]
+            if DEV != "cuda":  # dry run: interpreter-sized
+                seq_lens, q_lens = [s // 8 + 1 for s in seq_lens], [min(q, 9) for q in q_lens]
+            budgets = [0.0, 0.05, 0.5, 1.0] if kind == "decode" else [0.5, 0.05, 0.0, 1.0]
+            pages = max(-(-s // P) for s in seq_lens)
+            nb = len(seq_lens) * pages + 3
+            bt = torch.randperm(nb, generator=g)[: len(seq_lens) * pages].view(-1, pages)
+            bt = bt.to(torch.int32).contiguous()
+            ref_cache = lay.allocate(nb, Hkv)
+            views = lay.views(ref_cache)
+            hist, step, qsl = [], [], [0]
+            for i, (s, q) in enumerate(zip(seq_lens, q_lens, strict=True)):
+                hist += [int(bt[i, p // P]) * P + p % P for p in range(s - q)]
+                step += [int(bt[i, p // P]) * P + p % P for p in range(s - q, s)]
+                qsl.append(qsl[-1] + q)
+            kh = torch.randn(len(hist), Hkv, D, generator=g).to(dt)
+            vh = torch.randn(len(hist), Hkv, D, generator=g).to(dt)
+            write_kv(lay, views, kh, vh, torch.tensor(hist, dtype=torch.int64))
+            cache = ref_cache.to(DEV)
+            step_t = torch.tensor(step, dtype=torch.int64)
+            k = torch.randn(len(step), Hkv, D, generator=g).to(dt)
+            v = torch.randn(len(step), Hkv, D, generator=g).to(dt)
+            q = torch.randn(len(step), Hq, D, generator=g).to(dt)
+            write_kv(lay, views, k, v, step_t)
+            write_kv_triton(k.to(DEV), v.to(DEV), cache, step_t.to(DEV), lay)
+            got_v, ref_v = lay.views(cache.cpu()), views
+            u8 = torch.uint8
+            write_exact = all(
+                torch.equal(getattr(got_v, n).view(u8), getattr(ref_v, n).view(u8))
+                for n in got_v._fields if getattr(ref_v, n) is not None and n != "k_mean")
+            mean_err = 0.0
+            if ref_v.k_mean is not None:
+                mean_err = (got_v.k_mean - ref_v.k_mean).abs().max().item()
+            kw = dict(query_start_loc=qsl, seq_lens=seq_lens, fp16_budgets=budgets, scale=D**-0.5)
+            ref = paged_attention(lay, views, q, k, v, block_table=bt, **kw)
+            got = paged_attention_triton(lay, cache, q.to(DEV), k.to(DEV), v.to(DEV),
+                                         block_table=bt.to(DEV), **kw).cpu()
+            errs = []
+            for i in range(len(seq_lens)):
+                a, r = got[qsl[i]:qsl[i + 1]].double(), ref[qsl[i]:qsl[i + 1]].double()
+                errs.append(((a - r).norm() / r.norm()).item())
+            tol = 2e-3 if dt == torch.float16 else 1e-2
+            ok = write_exact and mean_err < 1e-5 and max(errs) < tol and not got.isnan().any()
+            ok_all &= ok
+            emit(out, dict(section="check", kind=kind, kv_layout=kvl, fmt=fmt, selection=sel,
+                           dtype=str(dt).removeprefix("torch."), write_bit_exact=write_exact,
+                           k_mean_max_abs_err=mean_err, rel_err=[f"{e:.2e}" for e in errs],
+                           tol=tol, ok=bool(ok)))
+    return ok_all
+
+
+# --- decode timings ------------------------------------------------------------------------------
+
+def fill_random(lay: KVLayout, cache: torch.Tensor, g: torch.Generator) -> None:
+    """Random finite page contents: FP4 codes, valid scale bytes, normal hi copies/summaries."""
+    v = lay.views(cache)
+    for t in (v.k4, v.v4):
+        t.random_(0, 256, generator=g)
+    lo, hi = (0x30, 0x40) if lay.quant_format == "nvfp4" else (120, 128)
+    for t in (v.k4_scales, v.v4_scales):
+        t.random_(lo, hi, generator=g)
+    for t in (v.k_hi, v.v_hi, v.k_mean, v.k_min, v.k_max):
+        if t is not None:
+            t.normal_(generator=g)
+    if v.k_min is not None:  # keep min <= max
+        v.k_min.copy_(torch.minimum(v.k_min, v.k_max))
+
+
+def decode_row(out: str, kvl: str, B: int, ctx: int, a) -> None:
+    Hq, Hkv, D, P, U = (32, 8, 128, 64, 64) if DEV == "cuda" else (8, 2, 128, 64, 64)
+    dt = torch.bfloat16
+    base = kvl == "fp16"
+    lay = KVLayout("auto" if base else kvl, D, P, U, a.fmt, a.selection, dt)
+    g = torch.Generator(device=DEV).manual_seed(B * 7 + ctx)
+    pages = -(-ctx // P)
+    bt, nb = shuffled_table(B, pages, g)
+    row = dict(section="decode", layout=kvl, batch=B, context=ctx, fmt=a.fmt,
+               selection=a.selection, budget=1.0 if base else a.budget,
+               bytes_per_token_layer=(Hkv * 2 * D * 2) if base else lay.bytes_per_token(Hkv))
+    cache = lay.allocate(nb, Hkv, device=DEV)
+    fill_random(lay, cache, g)
+    q = torch.randn(B, Hq, D, device=DEV, dtype=dt, generator=g)
+    kn = torch.randn(B, Hkv, D, device=DEV, dtype=dt, generator=g)
+    vn = torch.randn(B, Hkv, D, device=DEV, dtype=dt, generator=g)
+    seq = torch.full((B,), ctx, dtype=torch.int32, device=DEV)
+    slots = (bt[:, (ctx - 1) // P].long() * P + (ctx - 1) % P).contiguous()
+    n_units = -(-ctx // U)
+    k = n_units if base else budget_to_k(a.budget, BlockGrid(1, ctx, U, True))
+    ks = torch.full((B,), k, dtype=torch.int32, device=DEV)
+    kw = dict(block_table=bt, seq_lens=seq, num_fp16_blocks=ks, scale=D**-0.5)
+    if base:  # every unit selected, precomputed: only the fp16 loop runs
+        sel = torch.arange(n_units, dtype=torch.int32, device=DEV).expand(B, Hkv, n_units)
+        sel = sel.contiguous()
+        row["decode_ms"] = bench(lambda: paged_decode_triton(lay, cache, q, kn, vn, sel=sel, **kw))
+        row["total_ms"] = row["decode_ms"]
+    else:
+        row["write_ms"] = bench(lambda: write_kv_triton(kn, vn, cache, slots, lay))
+        sel = paged_select_triton(lay, cache, q, block_table=bt, seq_lens=seq,
+                                  num_fp16_blocks=ks, max_num_fp16_blocks=k)
+        row["select_ms"] = bench(lambda: paged_select_triton(
+            lay, cache, q, block_table=bt, seq_lens=seq, num_fp16_blocks=ks,
+            max_num_fp16_blocks=k))
+        row["decode_ms"] = bench(lambda: paged_decode_triton(lay, cache, q, kn, vn, sel=sel, **kw))
+        row["total_ms"] = bench(lambda: paged_decode_triton(lay, cache, q, kn, vn,
+                                                            max_num_fp16_blocks=k, **kw))
+    kv_bytes = B * ctx * row["bytes_per_token_layer"]
+    row["kv_gb"] = round(kv_bytes / 1e9, 3)
+    row["gb_per_s"] = round(kv_bytes / 1e9 / (row["decode_ms"] / 1e3), 1)
+    emit(out, row)
+
+
+def table() -> str:
+    dec = [r for r in ROWS if r.get("section") == "decode" and "total_ms" in r]
+    lines = ["", "paged decode (ms; total = select + decode + reduce), Hq=32 Hkv=8 D=128 bf16",
+             f"{'B':>4} {'ctx':>7} {'fp16':>8} {'auto':>8} {'nvfp4':>8} {'x fp16':>7} "
+             f"{'nvfp4 dec':>9} {'sel':>6} {'write':>6}"]
+    keys = sorted({(r["batch"], r["context"]) for r in dec})
+    for B, ctx in keys:
+        get = {r["layout"]: r for r in dec if (r["batch"], r["context"]) == (B, ctx)}
+
+        def ms(name, field="total_ms", get=get):
+            return f"{get[name][field]:8.3f}" if name in get and field in get[name] else " " * 8
+        speed = ""
+        if "fp16" in get and "nvfp4" in get:
+            speed = f"{get['fp16']['total_ms'] / get['nvfp4']['total_ms']:7.2f}"
+        n = get.get("nvfp4", {})
+        lines.append(f"{B:>4} {ctx:>7} {ms('fp16')} {ms('auto')} {ms('nvfp4')} {speed:>7} "
+                     f"{n.get('decode_ms', math.nan):9.3f} {n.get('select_ms', math.nan):6.3f} "
+                     f"{n.get('write_ms', math.nan):6.3f}")
+    chk = [r for r in ROWS if r.get("section") == "check"]
+    if chk:
+        lines.append(f"check: {sum(r['ok'] for r in chk)}/{len(chk)} ok")
+    skipped = [r for r in ROWS if r.get("skipped")]
+    if skipped:
+        lines.append(f"skipped rows: {len(skipped)} ({skipped[0].get('reason', '')[:80]})")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="bench_paged.json")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--skip-check", action="store_true")
+    ap.add_argument("--batches", default="1,8,32,64")
+    ap.add_argument("--contexts", default="8192,32768,131072")
+    ap.add_argument("--layouts", default="fp16,nvfp4,auto")
+    ap.add_argument("--fmt", default="nvfp4")
+    ap.add_argument("--selection", default="block_mean")
+    ap.add_argument("--budget", type=float, default=0.05)
+    ap.add_argument("--budget-s", type=float, default=500.0, help="stop starting rows after this")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="CPU + TRITON_INTERPRET=1 smoke run of the script (tiny shapes only)")
+    a = ap.parse_args()
+    global DEV
+    if a.dry_run:
+        DEV = "cpu"
+    elif not torch.cuda.is_available():
+        print("needs a GPU", file=sys.stderr)
+        return 2
+    ok = True
+    if not a.skip_check:
+        try:
+            ok = check(a.out, a.quick)
+        except Exception as e:
+            traceback.print_exc()
+            emit(a.out, dict(section="check", ok=False, error=f"{type(e).__name__}: {e}"[:500]))
+            ok = False
+    batches = [int(x) for x in a.batches.split(",")]
+    contexts = [int(x) for x in a.contexts.split(",")]
+    if a.quick:
+        batches, contexts = batches[:2], contexts[:2]
+    # biggest contexts last within a batch size, so a budget stop loses the fewest rows
+    for ctx in contexts:
+        for B in batches:
+            for kvl in a.layouts.split(","):
+                if time.time() - T0 > a.budget_s:
+                    emit(a.out, dict(section="decode", layout=kvl, batch=B, context=ctx,
+                                     skipped=True, reason="wall-clock budget"))
+                    continue
+                try:
+                    decode_row(a.out, kvl, B, ctx, a)
+                except torch.cuda.OutOfMemoryError as e:
+                    emit(a.out, dict(section="decode", layout=kvl, batch=B, context=ctx,
+                                     skipped=True, reason=f"OOM: {e}"[:200]))
+                except Exception as e:
+                    traceback.print_exc()
+                    emit(a.out, dict(section="decode", layout=kvl, batch=B, context=ctx,
+                                     skipped=True, reason=f"{type(e).__name__}: {e}"[:300]))
+                torch.cuda.empty_cache()
+    print(table())
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

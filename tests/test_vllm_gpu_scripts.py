@@ -1,0 +1,209 @@
+"""CPU tests of the H200 scripts benchmarks/vllm_gpu_check.py and benchmarks/vllm_serving.py:
+they import and print --help without vLLM or CUDA, and their pure helpers (greedy / logprob
+comparison with tolerances, percentiles, capacity arithmetic, engine planning, tables) behave."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"_test_{name}", BENCH / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def check():
+    return _load("vllm_gpu_check")
+
+
+@pytest.fixture(scope="module")
+def serving():
+    return _load("vllm_serving")
+
+
+@pytest.mark.parametrize("script", ["vllm_gpu_check.py", "vllm_serving.py"])
+def test_help_runs_without_vllm(script):
+    code = ("import sys, runpy; sys.modules['vllm'] = None; sys.argv = [sys.argv[1], '--help']; "
+            "runpy.run_path(sys.argv[0], run_name='__main__')")
+    proc = subprocess.run([sys.executable, "-c", code, str(BENCH / script)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "usage:" in proc.stdout
+
+
+def test_import_does_not_import_vllm_or_torch(check, serving):
+    code = (f"import importlib.util as u, sys\n"
+            f"for n in ('vllm_gpu_check', 'vllm_serving'):\n"
+            f"    s = u.spec_from_file_location(n, r'{BENCH}/' + n + '.py')\n"
+            f"    m = sys.modules[n] = u.module_from_spec(s)\n"
+            f"    s.loader.exec_module(m)\n"
+            f"print(sorted(m for m in ('vllm', 'torch') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]"
+
+
+# --- vllm_gpu_check: comparisons --------------------------------------------------------------
+def _lps(ids, chosen=-1.0, other=None):
+    """Top-k dicts: the chosen token at ``chosen``, plus optional (token, logprob) pairs."""
+    return [{t: chosen, **dict(other or [])} for t in ids]
+
+
+def test_compare_greedy_exact_and_drift(check):
+    ids = [5, 6, 7, 8]
+    r = check.compare_greedy(ids, _lps(ids, -1.0), ids, _lps(ids, -1.02))
+    assert r["ok"] and r["status"] == "exact" and r["first_diff"] is None
+    assert r["max_lp_diff"] == pytest.approx(0.02)
+    r = check.compare_greedy(ids, _lps(ids, -1.0), ids, _lps(ids, -1.5), lp_tol=0.1)
+    assert not r["ok"] and r["status"] == "lp_drift"
+
+
+def test_compare_greedy_near_tie_accepted(check):
+    ref_ids, ids = [1, 2, 3, 4], [1, 2, 9, 9]
+    ref_lps = [{1: -0.1}, {2: -0.2}, {3: -0.70, 9: -0.72}, {4: -0.1}]
+    lps = [{1: -0.1}, {2: -0.2}, {9: -0.70, 3: -0.71}, {9: -0.1}]
+    r = check.compare_greedy(ref_ids, ref_lps, ids, lps, tie_tol=0.05)
+    assert r["ok"] and r["status"] == "near_tie" and r["first_diff"] == 2
+    assert r["tie_gap"] == pytest.approx(0.02)
+
+
+def test_compare_greedy_clear_mismatch_rejected(check):
+    ref_ids, ids = [1, 2, 3], [1, 7, 3]
+    ref_lps = [{1: -0.1}, {2: -0.1, 7: -3.0}, {3: -0.1}]
+    lps = [{1: -0.1}, {7: -0.1, 2: -2.5}, {3: -0.1}]
+    r = check.compare_greedy(ref_ids, ref_lps, ids, lps)
+    assert not r["ok"] and r["status"] == "mismatch" and r["tie_gap"] > 2
+    # the other token absent from the reference's top-k: an infinite gap, not a crash
+    r = check.compare_greedy(ref_ids, [{1: -0.1}, {2: -0.1}, {3: -0.1}], ids, lps)
+    assert not r["ok"] and math.isinf(r["tie_gap"])
+
+
+def test_compare_greedy_length_and_missing_logprobs(check):
+    r = check.compare_greedy([1, 2, 3], _lps([1, 2, 3]), [1, 2], _lps([1, 2]))
+    assert not r["ok"] and r["status"] == "length"
+    r = check.compare_greedy([1, 2], [{1: -1.0}, {}], [1, 2], _lps([1, 2]))
+    assert not r["ok"] and r["status"] == "lp_drift"  # a chosen token without a logprob
+
+
+def test_compare_prompt_logprobs(check):
+    ref = [None, -1.0, -2.0, -3.0]
+    ok = check.compare_prompt_logprobs(ref, [None, -1.01, -2.0, -3.02])
+    assert ok["ok"] and ok["n"] == 3 and ok["max"] == pytest.approx(0.02)
+    assert not check.compare_prompt_logprobs(ref, [None, -1.0, -2.0, -3.5], max_tol=0.3)["ok"]
+    assert not check.compare_prompt_logprobs(ref, [None, -1.0, -2.0])["ok"]
+    bad = check.compare_prompt_logprobs(ref, [None, -1.0, None, -3.0])
+    assert not bad["ok"] and math.isinf(bad["max"])
+
+
+def test_summarize_and_table(check):
+    ok, text = check.summarize_comparisons([
+        {"ok": True, "status": "exact", "max_lp_diff": 0.01},
+        {"ok": True, "status": "near_tie", "max_lp_diff": 0.03}])
+    assert ok and "exact 1" in text and "near_tie 1" in text and "0.03" in text
+    table = check.format_table([{"name": "a", "ok": True, "detail": "fine", "seconds": 1.2},
+                                {"name": "bb", "ok": False, "detail": "bad"}])
+    lines = table.splitlines()
+    assert lines[0].startswith("| check") and "PASS" in lines[2] and "FAIL" in lines[3]
+
+
+def test_token_prompts(check):
+    byte = check.token_prompts(320, max_len=100, long_len=500)
+    assert [len(p) for p in byte["short"]] == [20, 48, 77, 120, 160, 200]
+    assert len(byte["long"][0]) == 500 and all(t < 256 for t in byte["long"][0])
+    assert len(byte["preempt"]) == 8 and max(len(p) for p in byte["preempt"]) == 100
+    big = check.token_prompts(128256, max_len=64, long_len=128)
+    assert all(300 <= t < 128256 for p in big["short"] for t in p)
+    assert big == check.token_prompts(128256, max_len=64, long_len=128)  # seeded
+
+
+def test_plugin_entry_point_written_when_missing(check, tmp_path, monkeypatch):
+    from importlib import metadata
+
+    monkeypatch.setenv("PYTHONPATH", "")
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.setattr(metadata, "entry_points", lambda group=None: [])
+    how = check.ensure_plugin_entry_point(str(tmp_path))
+    assert "written" in how
+    ep = next(tmp_path.glob("*.dist-info")) / "entry_points.txt"
+    assert "thrift_vllm.backend.plugin:register" in ep.read_text()
+    assert str(tmp_path) in sys.path
+    assert str(tmp_path) in __import__("os").environ["PYTHONPATH"]
+
+
+# --- vllm_serving: helpers --------------------------------------------------------------------
+def test_percentile(serving):
+    assert serving.percentile([3, 1, 2], 50) == 2
+    assert serving.percentile([0, 10], 99) == pytest.approx(9.9)
+    assert math.isnan(serving.percentile([], 50))
+
+
+def test_fit_and_bytes(serving):
+    # FA3 on an H200 at 0.85: ~780K tokens of 16-token blocks
+    assert serving.fit_requests(48_000, 16) == 48_000 // 2064
+    assert serving.fit_requests(0, 16) == 0
+    assert serving.stock_bytes_per_token() == 131072  # Llama-3-8B: 32 x 8 x 2 x 128 x 2
+    auto = serving.thrift_bytes_per_token("auto", 64)
+    nvfp4 = serving.thrift_bytes_per_token("nvfp4", 64)
+    assert auto == 32 * 8 * 664 and nvfp4 == 32 * 8 * 152  # notes/paged_kv.md's example
+    assert serving.thrift_bytes_per_token("auto", 48) is None  # page not a multiple of the unit
+
+
+def test_plan_engines(serving):
+    plan = serving.plan_engines(["FLASH_ATTN", "thrift-auto"], [0.0, 0.05], "request")
+    assert plan == [{"backend": "FLASH_ATTN", "budget": None, "budgets": [None]},
+                    {"backend": "thrift-auto", "budget": 0.0, "budgets": [0.0, 0.05]}]
+    plan = serving.plan_engines(["thrift-nvfp4"], [0.0, 0.05], "engine")
+    assert [p["budget"] for p in plan] == [0.0, 0.05]
+    with pytest.raises(ValueError, match="unknown backend"):
+        serving.plan_engines(["FLASHINFER"], [0.0], "request")
+
+
+def test_stream_stats_and_tables(serving):
+    s = serving.stream_stats(10.0, [10.5, 10.6, 10.8])
+    assert s["ttft"] == pytest.approx(0.5) and s["itl"] == pytest.approx([0.1, 0.2])
+    assert math.isnan(serving.stream_stats(1.0, [])["ttft"])
+    rows = [
+        {"backend": "FLASH_ATTN", "budget": None, "case": "capacity", "kind": "capacity",
+         "capacity_tokens": 780000, "bytes_per_token": 131072, "fit32k": 23, "kv_gib": 95.2},
+        {"backend": "FLASH_ATTN", "budget": None, "case": "decode8k", "kind": "decode",
+         "decode_tok_s": 1750.0},
+        {"backend": "thrift-auto", "budget": 0.05, "case": "prefill32k", "kind": "prefill",
+         "prefill_tok_s": 30000.0, "capacity_tokens": 600000},
+        {"backend": "thrift-auto", "budget": 0.05, "case": "decode8k", "kind": "decode",
+         "error": "boom"},
+    ]
+    table = serving.make_table(rows).splitlines()
+    assert "prefill32k tok/s" in table[0] and "decode8k tok/s" in table[0]
+    assert "780,000" in table[2] and "1,750" in table[2]
+    assert "| 0.05 |" in table[3] and "30,000" in table[3] and "ERR" in table[3]
+    sweep = serving.make_sweep_table([
+        {"backend": "FLASH_ATTN", "budget": None, "concurrency": 8, "requests": 16,
+         "ttft_p50": 0.5, "ttft_p99": 1.0, "itl_p50": 0.01, "itl_p99": 0.02, "out_tok_s": 900.0},
+        {"backend": "thrift-auto", "budget": 0.05, "concurrency": 8, "error": "x"}])
+    assert "10.0" in sweep and "ERROR" in sweep
+
+
+def test_scaled_and_merge(serving, tmp_path):
+    c = serving.scaled(serving.CASES["decode8k"], 1 / 64)
+    assert c.prompt_len == 128 and c.n == 16 and c.new_tokens == 256
+    assert serving.scaled(serving.CASES["capacity"], 0.5) == serving.CASES["capacity"]
+    a = tmp_path / "a.json"
+    a.write_text(json.dumps({"rows": [{"backend": "FLASH_ATTN", "case": "decode8k",
+                                       "kind": "decode", "decode_tok_s": 1.0}]}))
+    proc = subprocess.run([sys.executable, str(BENCH / "vllm_serving.py"), "--merge", str(a)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "FLASH_ATTN" in proc.stdout

@@ -1,11 +1,11 @@
 """``thrift-vllm serve`` (thrift_vllm.server): budget parsing and the ASGI middleware directly
 (fast, no vLLM), the CLI's argument preparation, and end to end against ONE real server process
-(the untrained placeholder model, CPU, max-model-len 512, eager) shared by the module's tests
+(the embedded trained model from models/, CPU, max-model-len 512, eager) shared by the tests
 through a module fixture and terminated at the end (the last test sends SIGTERM and checks a clean
 exit). Tests that need vLLM skip when ``import vllm`` fails.
 
-The placeholder's greedy choice is mostly ``<eos>``, so generation tests pass ``ignore_eos`` and
-sample with a seed where they need text.
+Generation tests pass ``ignore_eos`` (exact token counts) and sample with a seed where they need
+text.
 """
 
 from __future__ import annotations
@@ -363,7 +363,7 @@ def _http(server, method, path, **kw):
     return httpx.request(method, server.url + path, headers=headers, timeout=120, **kw)
 
 
-MODEL = "thrift-placeholder-untrained"
+MODEL = "thrift-embedded"  # the trained model shipped in models/ (issue 5)
 GEN = dict(extra_body={"ignore_eos": True})
 
 
@@ -375,11 +375,12 @@ def test_server_health_models_config_startup_line(server):
     assert [m.id for m in models.data] == [MODEL]
     cfg = _http(server, "GET", "/v1/thrift/config").json()
     assert cfg["fp16_budget_default"] == DEFAULT and cfg["fp16_budget_max"] == CAP
-    assert cfg["untrained_placeholder"] is True
+    assert cfg["untrained_placeholder"] is False
     line = next(x for x in Path(server.log).read_text().splitlines() if "thrift-vllm serve:" in x)
     for word in ("device=cpu", "backend=ThriftAttention", "kv_layout=auto", "default=0.05",
-                 "cap=0.5", "UNTRAINED"):
+                 "cap=0.5", "models/thrift-embedded"):
         assert word in line, line
+    assert "UNTRAINED" not in line
     cap = next(x for x in Path(server.log).read_text().splitlines() if "KV cache" in x
                and "thrift-vllm serve:" in x)
     assert cfg["kv_capacity_tokens"] > 0 and f"= {cfg['kv_capacity_tokens']} tokens" in cap

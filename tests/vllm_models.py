@@ -115,7 +115,8 @@ def make_tiny_llama(path: str | Path, seed: int = 0, head_dim: int = HEAD_DIM) -
 # "requests": [[prompt index, extra_args|null(, cache_salt)], ...],
 # "bad_extra_args": {...} (optional: a request that must be refused),
 # "score": [[extra_args|null, cache_salt|null], ...] (optional: teacher-forced log-probs of the
-# first run's continuations, one pass per entry)}, ...]}. The engines run one after the other in
+# first run's continuations, one pass per entry), "singles": true (optional: every request again,
+# alone, into OUT[name + "/single"])}, ...]}. The engines run one after the other in
 # this process. OUT_JSON: {name: [token ids per request], "seconds": {...}, "errors": {name:
 # message of the refused request}, "kv": {name: {"blocks", "block_size", "preemptions"}},
 # "scores": {name: [[log-prob of each continuation token] per prompt] per score entry]}}.
@@ -158,6 +159,10 @@ def run_engines(spec: dict) -> dict:
         out[run["name"]] = [list(r.outputs[0].token_ids) for r in res]
         if first is None:
             first = [(list(r.prompt_token_ids), list(r.outputs[0].token_ids)) for r in res]
+        if run.get("singles"):
+            out[run["name"] + "/single"] = [
+                list(llm.generate([p], params(r[1]), use_tqdm=False)[0].outputs[0].token_ids)
+                for p, r in zip(prompts, reqs, strict=True)]
         for extra, salt in run.get("score", []):
             out["scores"].setdefault(run["name"], []).append(_score(llm, first, extra, salt))
         cc = llm.llm_engine.vllm_config.cache_config

@@ -47,7 +47,7 @@ def vllm_ok():
 def test_vllm_config_defaults_and_validation():
     c = ThriftBackendConfig()
     assert (c.fp16_budget, c.selection, c.quant_format, c.block_size, c.impl) == (
-        0.05, "block_mean", "nvfp4", 64, "torch")
+        0.05, "block_mean", "nvfp4", 64, "auto")
     assert ThriftBackendConfig(fp16_budget=1).fp16_budget == 1.0
     for bad in (-0.1, 1.5, float("nan"), "0.5", None, True):
         with pytest.raises(ValueError, match="fp16_budget"):

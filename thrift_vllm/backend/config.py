@@ -51,8 +51,10 @@ class ThriftBackendConfig:
     """FP4 format of the bulk blocks: ``nvfp4`` or ``mxfp4``."""
     block_size: int = 64
     """Selection unit / kernel tile in tokens (32, 64, 128); independent of vLLM's page size."""
-    impl: str = "torch"
-    """Operator path: ``torch`` (the reference, the only one wired on CPU), ``auto``, ``triton``."""
+    impl: str = "auto"
+    """Kernel path: ``auto`` (Triton kernels on CUDA devices, the PyTorch path elsewhere),
+    ``torch`` (the PyTorch path everywhere), ``triton`` (the kernels everywhere; on CPU only
+    under ``TRITON_INTERPRET=1``, for tests)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "fp16_budget", check_budget(self.fp16_budget))

@@ -17,9 +17,35 @@ comparisons are paired):
   selection and diagonal-tile V scales see the answer positions too) rather than decode calls.
   ``acc`` pools the three tasks.
 
+KV layouts (``MethodConfig.kv_layout``). ``"operator"`` (default): one prefill call per sample
+through ``thrift_vllm.attention``, as above. ``"nvfp4"`` (names ``fp16-kv4/F``, ``fp4-kv4/F/bf16``,
+``thrift-kv4/F/bf16/SEL/B%`` = budget 1, 0, B) and ``"auto"`` (``*-kvauto/...``): the paged
+vLLM backend's semantics, ``thrift_vllm.paged`` (CPU) / ``thrift_vllm.ops`` (Triton, CUDA), in a
+**two-step evaluation**. Every layer holds a paged cache of the layout (page = selection unit);
+each step writes its K/V (``write_kv``) and then attends over the cache (``paged_attention``),
+exactly what the backend does for one sequence. Step 1 = the context, all its K/V fresh (the
+layout's prefill semantics); step 2 = the scored queries, which see step-1 tokens only through
+the layout's storage. In the nvfp4 layout (FP4 only, V along head_dim) that means: FP16 blocks
+read dequantised FP4 K/V for step-1 tokens and the fresh model-dtype K/V for step-2 tokens, the
+FP4 blocks read the stored FP4, selection scores the stored (dequantised) keys; budget 1 is exact
+attention on those FP16-path tensors, so it is *not* fp16. The split:
+
+* NLL: ``[BOS] + window`` of ``L`` ids, ``q = (L - 1) // 4`` (the ``nll_tail`` positions). Step 1
+  = ids ``[0, L - 1 - q)``, step 2 = ids ``[L - 1 - q, L - 1)``: the ``q`` queries whose logits
+  predict the last ``q`` bytes. ``nll_tail`` is scored on step 2 only; ``nll`` also pools the step-1
+  predictions (prefill semantics of the layout).
+* Retrieval: step 1 = ``[BOS] + prompt[:-1]``, step 2 = ``prompt[-1:] + answer[:-1]``: the
+  queries whose argmax is scored (every answer byte, the first one included, is predicted from a
+  cache holding the context in the layout's storage; the step's own tokens are fresh, i.e. the
+  answer is teacher-forced as one chunk, not one decode step per byte).
+
 Gap recovery of a thrift configuration: ``(m_thrift - m_fp4) / (m_fp16 - m_fp4)`` with ``m``
 the mean accuracy, or the negated NLL, against the fp4 run of the same ``quant_format`` and
 ``bulk_math``; 95 % confidence intervals by a paired bootstrap over samples (1000 resamples).
+``recovery_nll_tail``: the same on ``nll_tail``. The paged rows (kv layouts) are compared with the
+operator's fp16 and fp4 (``fp4/F/bf16``) rows on the same samples and the same scored positions:
+``recovery_nll_tail`` and ``recovery_acc`` (not ``recovery_nll``: their first three quarters are
+prefill). fp16 needs no two-step run (exact attention does not depend on the split).
 
 The model is loaded with transformers; a custom attention implementation ``"thrift"`` is
 registered in ``AttentionInterface`` (and a mask function returning None in
@@ -46,6 +72,10 @@ ATTN_NAME = "thrift"
 _CURRENT: dict = {}
 
 
+KV_LAYOUTS = ("operator", "nvfp4", "auto")
+_KV_TAG = {"nvfp4": "kv4", "auto": "kvauto"}
+
+
 @dataclass(frozen=True)
 class MethodConfig:
     method: str  # fp16 | fp4 | thrift
@@ -55,15 +85,32 @@ class MethodConfig:
     force_sink_recent: bool = False
     bulk_math: str = "bf16"
     block_size: int = 64
+    kv_layout: str = "operator"  # operator (one prefill) | nvfp4 / auto (paged, two steps)
+
+    def __post_init__(self):
+        if self.kv_layout not in KV_LAYOUTS:
+            raise ValueError(f"kv_layout must be one of {KV_LAYOUTS}, got {self.kv_layout!r}")
+        if self.paged and self.bulk_math != "bf16":
+            raise ValueError("the paged path computes FP4 exactly: bulk_math must be bf16")
+
+    @property
+    def paged(self) -> bool:
+        return self.kv_layout != "operator"
+
+    @property
+    def budget(self) -> float:
+        """The FP16 budget the method amounts to (fp16 -> 1, fp4 -> 0)."""
+        return {"fp16": 1.0, "fp4": 0.0}.get(self.method, self.fp16_budget)
 
     @property
     def name(self) -> str:
+        pre = self.method + (f"-{_KV_TAG[self.kv_layout]}" if self.paged else "")
         if self.method == "fp16":
-            return "fp16"
+            return f"{pre}/{self.quant_format}" if self.paged else pre
         if self.method == "fp4":
-            return f"fp4/{self.quant_format}/{self.bulk_math}"
+            return f"{pre}/{self.quant_format}/{self.bulk_math}"
         sel = self.selection + ("+sr" if self.force_sink_recent else "")
-        return (f"thrift/{self.quant_format}/{self.bulk_math}/{sel}/"
+        return (f"{pre}/{self.quant_format}/{self.bulk_math}/{sel}/"
                 f"{100 * self.fp16_budget:g}%")
 
     @property
@@ -72,42 +119,95 @@ class MethodConfig:
 
     def operator_kwargs(self) -> dict:
         return dict(method=self.method, quant_format=self.quant_format,
-                    fp16_budget=self.fp16_budget if self.method == "thrift" else
-                    (1.0 if self.method == "fp16" else 0.0),
-                    selection=self.selection, force_sink_recent=self.force_sink_recent,
+                    fp16_budget=self.budget, selection=self.selection,
+                    force_sink_recent=self.force_sink_recent,
                     bulk_math=self.bulk_math, block_size=self.block_size)
+
+    def kv_layout_obj(self, head_size: int, dtype: torch.dtype):
+        """The paged layout of a kv-layout config (page = one selection unit)."""
+        from thrift_vllm.kv_layout import KVLayout
+
+        return KVLayout(self.kv_layout, head_size, self.block_size, self.block_size,
+                        self.quant_format, self.selection, dtype)
+
+
+def kv_config(kv_layout: str, quant_format: str, budget: float, selection: str = "block_mean",
+              force_sink_recent: bool = False) -> MethodConfig:
+    """A paged config: budget 0 -> method fp4, 1 -> fp16 (selection then does not matter)."""
+    method = {0.0: "fp4", 1.0: "fp16"}.get(float(budget), "thrift")
+    if method != "thrift":
+        selection, force_sink_recent, budget = "block_mean", False, 0.0
+    return MethodConfig(method, quant_format, float(budget), selection, force_sink_recent,
+                        kv_layout=kv_layout)
+
+
+def nll_split(length: int) -> tuple[int, int]:
+    """(step-1 ids, step-2 ids) of an NLL sample of ``length`` ids: the last ``(L - 1) // 4``
+    predictions (``nll_tail``) come from step 2."""
+    q = max(1, (length - 1) // 4)
+    return length - 1 - q, q
+
+
+def _share(budget: float, sq: int, skv: int, block_size: int) -> float:
+    from thrift_vllm.selection import BlockGrid, budget_to_k
+
+    grid = BlockGrid(sq, skv, block_size, True)
+    k = budget_to_k(budget, grid)
+    first, step, rows = grid.candidate_counts()
+    counts = [first + step * r for r in range(rows)]
+    return sum(min(k, c) for c in counts) / sum(counts)
 
 
 def fp16_share(cfg: MethodConfig, length: int) -> float:
-    """Actual share of causal candidate blocks computed in FP16 for a full prefill of
-    ``length`` (the operator's budget -> k rule, ``thrift_vllm.selection.budget_to_k``)."""
-    from thrift_vllm.selection import BlockGrid, budget_to_k
-
+    """Actual share of causal candidate blocks computed in FP16 (the operator's budget -> k rule,
+    ``thrift_vllm.selection.budget_to_k``): for a full prefill of ``length``, or, for a paged
+    config, for the NLL sample's step 2 (``nll_split``)."""
     if cfg.method != "thrift":
-        return 1.0 if cfg.method == "fp16" else 0.0
-    grid = BlockGrid(length, length, cfg.block_size, True)
-    k = budget_to_k(cfg.fp16_budget, grid)
-    n = grid.num_q_blocks
-    return sum(min(k, r + 1) for r in range(n)) / (n * (n + 1) // 2)
+        return cfg.budget
+    if cfg.paged:
+        s1, s2 = nll_split(length)
+        return _share(cfg.fp16_budget, s2, s1 + s2, cfg.block_size)
+    return _share(cfg.fp16_budget, length, length, cfg.block_size)
 
 
 def method_grid(formats=("nvfp4", "mxfp4"), thrift_formats=("nvfp4",),
                 budgets=(0.01, 0.025, 0.05, 0.10, 0.25),
                 selections=("block_mean", "quest", "local", "block_mean+sr", "quest+sr"),
-                bulk_maths=("bf16", "fp8")) -> list[MethodConfig]:
-    """fp16, fp4 per format and bulk math, thrift per format x bulk math x selection x budget.
+                bulk_maths=("bf16", "fp8"), kv_layouts=("operator",),
+                kv_budgets=(0.0, 0.025, 0.05, 0.10, 0.25, 1.0),
+                kv_selections=("block_mean", "quest")) -> list[MethodConfig]:
+    """fp16, fp4 per format and bulk math, thrift per format x bulk math x selection x budget
+    (when ``"operator"`` is in ``kv_layouts``), then per paged layout ("nvfp4", "auto") and
+    thrift format the paged rows at ``kv_budgets`` (0 and 1 once, not per selection) x
+    ``kv_selections``, bulk math bf16, plus the ``fp4/F/bf16`` baseline their recovery needs.
     A selection ``"X+sr"`` is selection X with ``force_sink_recent``."""
     out = [MethodConfig("fp16")]
     fmts = list(dict.fromkeys([*formats, *thrift_formats]))
     for bm in bulk_maths:
         for f in fmts:
             out.append(MethodConfig("fp4", f, bulk_math=bm))
+        if "operator" not in kv_layouts:
+            continue
         for f in thrift_formats:
             for sel in selections:
-                base, sr = (sel[:-3], True) if sel.endswith("+sr") else (sel, False)
+                base, sr = _split_sel(sel)
                 for b in budgets:
                     out.append(MethodConfig("thrift", f, b, base, sr, bm))
-    return out
+    for lay in kv_layouts:
+        if lay == "operator":
+            continue
+        for f in thrift_formats:
+            out.append(MethodConfig("fp4", f))
+            ends = [b for b in (0.0, 1.0) if b in kv_budgets]  # fp4-kv4, fp16-kv4: once
+            out += [kv_config(lay, f, b) for b in ends[:1] if b == 0.0]
+            out += [kv_config(lay, f, b, *_split_sel(sel)) for sel in kv_selections
+                    for b in kv_budgets if 0.0 < b < 1.0]
+            out += [kv_config(lay, f, b) for b in ends if b == 1.0]
+    return list(dict.fromkeys(out))
+
+
+def _split_sel(sel: str) -> tuple[str, bool]:
+    return (sel[:-3], True) if sel.endswith("+sr") else (sel, False)
 
 
 # ----------------------------------------------------------------------- attention routing
@@ -124,10 +224,70 @@ def thrift_attention_forward(module, query, key, value, attention_mask, scaling=
         raise RuntimeError("the harness evaluates single prefills (no KV cache)")
     dt = query.dtype
     op_dt = dt if dt in (torch.float16, torch.bfloat16) else torch.float16
+    if "paged" in _CURRENT:
+        out = _CURRENT["paged"].step(module.layer_idx, query, key, value, scaling, op_dt)
+        return out.to(dt)[None], None
     out = thrift_vllm.attention(query.to(op_dt), key.to(op_dt), value.to(op_dt), causal=True,
                                 sm_scale=scaling, impl=_CURRENT.get("impl", "auto"),
                                 **_CURRENT["kwargs"])
     return out.to(dt).transpose(1, 2).contiguous(), None
+
+
+class PagedState:
+    """Per-layer paged caches of one sample (a paged config): every attention call is one step
+    of one sequence, written then attended exactly like the vLLM backend does
+    (``write_kv`` + ``paged_attention``: ``thrift_vllm.paged`` on the PyTorch path,
+    ``thrift_vllm.ops`` Triton kernels when ``impl`` is triton or auto on CUDA)."""
+
+    def __init__(self, cfg: MethodConfig, impl: str = "auto"):
+        self.cfg, self.impl = cfg, impl
+        self.capacity = 0
+        self.caches: dict[int, torch.Tensor] = {}
+        self.written: dict[int, int] = {}
+
+    def reset(self, capacity: int) -> None:
+        """Start a new sequence of at most ``capacity`` tokens (fresh zeroed caches)."""
+        self.capacity = capacity
+        self.caches.clear()
+        self.written.clear()
+
+    def step(self, layer: int, query, key, value, scaling, op_dt) -> torch.Tensor:
+        """q ``[1, Hq, T, D]``, k/v ``[1, Hkv, T, D]`` (this step's tokens, after RoPE) ->
+        ``[T, Hq, D]``: write the step's K/V behind the layer's earlier steps, then attend."""
+        if query.shape[0] != 1:
+            raise RuntimeError("paged evaluation takes one sequence at a time")
+        q, k, v = (t[0].transpose(0, 1).to(op_dt).contiguous() for t in (query, key, value))
+        T, Hkv, D = k.shape
+        layout = self.cfg.kv_layout_obj(D, op_dt)
+        start = self.written.get(layer, 0)
+        skv = start + T
+        if skv > self.capacity:
+            raise RuntimeError(f"step ends at {skv} > capacity {self.capacity}")
+        n_pages = -(-self.capacity // layout.page_size)
+        if layer not in self.caches:
+            self.caches[layer] = layout.allocate(n_pages, Hkv, q.device)
+        cache = self.caches[layer]
+        dev = q.device
+        slots = torch.arange(start, skv, device=dev)
+        table = torch.arange(n_pages, dtype=torch.int32, device=dev)[None]
+        kw = dict(query_start_loc=[0, T], seq_lens=[skv], block_table=table,
+                  fp16_budgets=[self.cfg.budget],
+                  scale=float(scaling) if scaling is not None else D ** -0.5,
+                  force_sink_recent=self.cfg.force_sink_recent)
+        if self.impl == "triton" or (self.impl == "auto" and q.is_cuda):
+            from thrift_vllm.ops.kv_write import write_kv_triton
+            from thrift_vllm.ops.paged_attention import paged_attention_triton
+
+            write_kv_triton(k, v, cache, slots, layout)
+            out = paged_attention_triton(layout, cache, q, k, v, **kw)
+        else:
+            from thrift_vllm import paged
+
+            views = layout.views(cache)
+            paged.write_kv(layout, views, k, v, slots)
+            out = paged.paged_attention(layout, views, q, k, v, **kw)
+        self.written[layer] = skv
+        return out
 
 
 def _no_mask(*args, **kwargs):
@@ -152,6 +312,8 @@ class use_method:  # noqa: N801 - context manager used like a function
     def __enter__(self):
         _CURRENT.clear()
         _CURRENT.update(kwargs=self.cfg.operator_kwargs(), impl=self.impl)
+        if self.cfg.paged:
+            _CURRENT["paged"] = PagedState(self.cfg, self.impl)
         return self
 
     def __exit__(self, *exc):
@@ -182,22 +344,54 @@ def _logits(model, ids: list[int], positions: torch.Tensor | None = None) -> tor
     return model.lm_head(h).float()
 
 
-def nll_sample(model, window: bytes) -> tuple[float, float]:
-    """(mean NLL per byte, mean over the last quarter) of ``[BOS] + window``."""
+@torch.inference_mode()
+def _logits_two_step(model, ids: list[int], split: int,
+                     positions: torch.Tensor | None = None) -> torch.Tensor:
+    """Logits of ``ids`` run as two steps over the paged caches of the current (paged) method:
+    ids ``[0, split)``, then ``[split, len)``, at their absolute positions (see module doc)."""
+    state = _CURRENT.get("paged")
+    if state is None:
+        raise RuntimeError("two-step evaluation needs a paged method (use_method(kv config))")
+    if not 0 < split < len(ids):
+        raise ValueError(f"split {split} must lie inside the {len(ids)} ids")
+    dev = next(model.parameters()).device
+    x = torch.tensor([ids], dtype=torch.long, device=dev)
+    pos = torch.arange(len(ids), device=dev)[None]
+    state.reset(len(ids))
+    h = torch.cat([model.model(input_ids=x[:, a:b], position_ids=pos[:, a:b],
+                               use_cache=False).last_hidden_state[0]
+                   for a, b in ((0, split), (split, len(ids)))])
+    if positions is not None:
+        h = h[positions.to(dev)]
+    return model.lm_head(h).float()
+
+
+def nll_sample(model, window: bytes, two_step: bool = False) -> tuple[float, float]:
+    """(mean NLL per byte, mean over the last quarter) of ``[BOS] + window``; ``two_step``: the
+    last quarter's queries run as step 2 (``nll_split``; paged methods)."""
     ids = [qdata.BOS, *window]
-    logits = _logits(model, ids)[:-1]
+    if two_step:
+        s1, s2 = nll_split(len(ids))
+        logits = _logits_two_step(model, ids[:s1 + s2], s1)
+    else:
+        logits = _logits(model, ids)[:-1]
     tgt = torch.tensor(ids[1:], device=logits.device)
     nll = torch.nn.functional.cross_entropy(logits, tgt, reduction="none")
     q = max(1, nll.numel() // 4)
     return float(nll.mean()), float(nll[-q:].mean())
 
 
-def retrieval_sample(model, task: qdata.Task) -> bool:
-    """Teacher-forced exact match of the answer bytes (see the module docstring)."""
+def retrieval_sample(model, task: qdata.Task, two_step: bool = False) -> bool:
+    """Teacher-forced exact match of the answer bytes (see the module docstring); ``two_step``:
+    the scored queries (last prompt byte + answer[:-1]) run as step 2 (paged methods)."""
     ids = [qdata.BOS, *task.prompt, *task.answer]
     n = len(task.answer)
-    pos = torch.arange(len(ids) - n - 1, len(ids) - 1)
-    pred = _logits(model, ids, pos).argmax(-1).tolist()
+    s1 = len(ids) - n - 1
+    if two_step:
+        pos = torch.arange(s1, len(ids) - 1)
+        pred = _logits_two_step(model, ids[:-1], s1, pos).argmax(-1).tolist()
+    else:
+        pred = _logits(model, ids, torch.arange(s1, len(ids) - 1)).argmax(-1).tolist()
     return pred == list(task.answer)
 
 
@@ -207,7 +401,7 @@ def evaluate_config(model, cfg: MethodConfig, length: int, windows: list[bytes],
     res: dict = {"nll": [], "nll_tail": []}
     with use_method(cfg, impl):
         for w in windows:
-            a, b = nll_sample(model, w)
+            a, b = nll_sample(model, w, cfg.paged)
             res["nll"].append(a)
             res["nll_tail"].append(b)
             if progress is not None:
@@ -215,7 +409,7 @@ def evaluate_config(model, cfg: MethodConfig, length: int, windows: list[bytes],
         for kind, ts in tasks.items():
             res[f"acc_{kind}"] = []
             for t in ts:
-                res[f"acc_{kind}"].append(float(retrieval_sample(model, t)))
+                res[f"acc_{kind}"].append(float(retrieval_sample(model, t, cfg.paged)))
                 if progress is not None:
                     progress.update(1)
     res["acc"] = [x for kind in tasks for x in res[f"acc_{kind}"]]
@@ -252,7 +446,8 @@ def bootstrap_recovery(m_thr, m_fp4, m_fp16, n_boot: int = 1000, seed: int = 0,
 
 def summarize(results: dict, configs: list[MethodConfig], lengths: list[int],
               n_boot: int = 1000) -> dict:
-    """Means per metric and gap recoveries per thrift configuration and length."""
+    """Means per metric and gap recoveries per thrift / paged configuration and length
+    (``recovery_nll``, ``recovery_nll_tail``, ``recovery_acc``; paged rows only the last two)."""
     by_name = {c.name: c for c in configs}
     out: dict = {}
     for L in lengths:
@@ -270,13 +465,17 @@ def summarize(results: dict, configs: list[MethodConfig], lengths: list[int],
                 entry["acc_by_depth"] = {d: _mean(v) for d, v in sorted(by.items())}
             if cfg is not None:
                 entry["fp16_share"] = fp16_share(cfg, L)
-            if cfg is not None and cfg.method == "thrift":
+            if cfg is not None and (cfg.method == "thrift" or cfg.paged):
+                # paged rows: against the operator's fp4 (bf16) and fp16 on the same positions
                 base = MethodConfig("fp4", cfg.quant_format, bulk_math=cfg.bulk_math).name
+                metrics = (("nll_tail", False), ("acc", True)) if cfg.paged else (
+                    ("nll", False), ("acc", True), ("nll_tail", False))
                 if base in rl:
-                    for metric, hb in (("nll", False), ("acc", True)):
-                        entry[f"recovery_{metric}"] = bootstrap_recovery(
-                            r[metric], rl[base][metric], rl["fp16"][metric], n_boot,
-                            higher_better=hb)
+                    for metric, hb in metrics:
+                        if metric in r:
+                            entry[f"recovery_{metric}"] = bootstrap_recovery(
+                                r[metric], rl[base][metric], rl["fp16"][metric], n_boot,
+                                higher_better=hb)
             summ[name] = entry
         fp16 = summ["fp16"]
         checks = {}
@@ -297,8 +496,9 @@ def format_table(summary: dict, configs: list[MethodConfig]) -> str:
     for L, s in summary.items():
         lines.append(f"\n### length {L}\n")
         lines.append("| method | FP16 share | NLL/byte | NLL tail | acc kv | acc needle | acc var "
-                     "| acc | recovery NLL [95% CI] | recovery acc [95% CI] |")
-        lines.append("|---|---|---|---|---|---|---|---|---|---|")
+                     "| acc | recovery NLL [95% CI] | recovery NLL tail [95% CI] "
+                     "| recovery acc [95% CI] |")
+        lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
         for c in configs:
             e = s["methods"].get(c.name)
             if e is None:
@@ -314,9 +514,13 @@ def format_table(summary: dict, configs: list[MethodConfig]) -> str:
                               ("acc_kv", "acc_needle", "acc_var", "acc"))
             lines.append(f"| {c.name} | {100 * e['fp16_share']:.1f}% | {e['nll']:.4f} | "
                          f"{e['nll_tail']:.4f} | {accs} | {rec('recovery_nll')} | "
-                         f"{rec('recovery_acc')} |")
+                         f"{rec('recovery_nll_tail')} | {rec('recovery_acc')} |")
+        if any(c.paged and c.name in s["methods"] for c in configs):
+            lines.append("\n`*-kv4` / `*-kvauto` rows: paged KV layout, two steps (NLL tail and "
+                         "accuracy scored on step 2; NLL/byte pools step 1's prefill); their "
+                         "recoveries are against the fp16 and fp4/F/bf16 rows above.")
         for name, e in s["methods"].items():
-            if not name.startswith("thrift/") and e.get("acc_by_depth"):
+            if not name.startswith("thrift") and e.get("acc_by_depth"):
                 by = ", ".join(f"{d}: {a:.2f}" for d, a in e["acc_by_depth"].items())
                 lines.append(f"\n{name} accuracy by needle depth: {by}")
         for name, ch in s["fp4_vs_fp16"].items():
@@ -346,7 +550,7 @@ def pareto_plot(summary: dict, configs: list[MethodConfig], path: Path) -> str |
         groups: dict[str, list] = {}
         for c in configs:
             e = s.get(c.name)
-            if c.method != "thrift" or e is None or f"recovery_{metric}" not in e:
+            if c.method != "thrift" or c.paged or e is None or f"recovery_{metric}" not in e:
                 continue
             r = e[f"recovery_{metric}"]
             label = f"{c.selection_label} {c.quant_format} {c.bulk_math}"
@@ -457,7 +661,10 @@ def _write(path, model_dir, samples, lengths, configs, results, summary, device)
            "device": str(device), "torch": torch.__version__,
            "configs": [dict(asdict(c), name=c.name) for c in configs],
            "metric_notes": "nll: nats/byte; acc: teacher-forced exact match of answer bytes; "
-                           "recovery = (m_thrift - m_fp4) / (m_fp16 - m_fp4), paired bootstrap",
+                           "recovery = (m_thrift - m_fp4) / (m_fp16 - m_fp4), paired bootstrap; "
+                           "*-kv4 / *-kvauto: paged KV layout, two-step evaluation (step 2 = "
+                           "the nll_tail queries / the answer queries), recoveries on nll_tail "
+                           "and acc against fp16 and fp4/F/bf16",
            "results": results, "summary": summary}
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(doc, indent=1, allow_nan=True) + "\n")

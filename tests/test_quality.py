@@ -180,7 +180,8 @@ def test_kv_layout_names_and_grid():
                                              kv_layouts=("nvfp4",))]
     # no operator thrift rows; the bf16 fp4 baseline the kv rows need is added
     assert g[:3] == ["fp16", "fp4/nvfp4/fp8", "fp4/nvfp4/bf16"]
-    assert g[3] == "fp4-kv4/nvfp4/bf16" and g[-1] == "fp16-kv4/nvfp4" and len(g) == 13
+    assert g[3:5] == ["fp4-kv4/nvfp4/bf16", "fp16-kv4/nvfp4"] and len(g) == 13
+    assert g[5] == "thrift-kv4/nvfp4/bf16/block_mean/2.5%"
     assert not any(n.startswith("thrift/") for n in g)
     assert len(set(g)) == len(g)
     assert harness.nll_split(32768) == (24576, 8191)  # 32767 predictions, tail 8191
@@ -188,14 +189,14 @@ def test_kv_layout_names_and_grid():
     assert 0.04 < share < 0.06
 
 
-def _kv_steps(cfg, q, k, v, split, layer=3):
+def _kv_steps(cfg, q, k, v, split, layer=3, impl="torch"):
     """The harness's attention over two steps (ids [0, split), [split, S)) of one layer."""
 
     class Mod:
         layer_idx = layer
 
     outs = []
-    with harness.use_method(cfg, impl="torch"):
+    with harness.use_method(cfg, impl=impl):
         harness._CURRENT["paged"].reset(q.shape[2])
         for a, b in ((0, split), (split, q.shape[2])):
             o, _ = harness.thrift_attention_forward(Mod, q[:, :, a:b], k[:, :, a:b],
@@ -245,6 +246,29 @@ def test_kv4_step_equals_paged_backend(budget, selection):
         want = _exact_attention(q[:, :, split:], kk, vv, True, 0.125)[0].transpose(0, 1)
         torch.testing.assert_close(out2, want, **close)
         assert (out2.float() - fresh[split:].float()).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("split", [100, 129])  # step 2: a chunk (prefill kernel), one decode
+def test_kv4_triton_path_matches_paged(split):
+    """The GPU path of the harness (write_kv_triton + paged_attention_triton; here under
+    TRITON_INTERPRET) = thrift_vllm.paged.paged_attention, bf16 rounding aside."""
+    pytest.importorskip("triton")
+    import os
+
+    if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+        pytest.skip("needs CUDA or the Triton interpreter")
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(1)
+    S, Hq, Hkv, D = 130, 2, 1, 64
+    q = torch.randn(1, Hq, S, D, dtype=torch.bfloat16)
+    k = (torch.randn(1, Hkv, S, D) * 2).bfloat16()
+    v = torch.randn(1, Hkv, S, D, dtype=torch.bfloat16)
+    cfg = harness.kv_config("nvfp4", "nvfp4", 0.5, "quest")
+    ref = _kv_steps(cfg, q, k, v, split)
+    got = _kv_steps(cfg, q.to(dev), k.to(dev), v.to(dev), split, impl="triton")
+    for a, b in zip(got, ref, strict=True):
+        err = (a.cpu().float() - b.float()).norm() / b.float().norm()
+        assert err < 1e-2, err  # bf16 rounding: ~4e-3
 
 
 def test_kv_two_step_evaluation(tiny_dir, corpus):

@@ -198,11 +198,10 @@ def method_grid(formats=("nvfp4", "mxfp4"), thrift_formats=("nvfp4",),
             continue
         for f in thrift_formats:
             out.append(MethodConfig("fp4", f))
-            ends = [b for b in (0.0, 1.0) if b in kv_budgets]  # fp4-kv4, fp16-kv4: once
-            out += [kv_config(lay, f, b) for b in ends[:1] if b == 0.0]
+            # fp4-kv4, fp16-kv4 once (the selection does not matter), first
+            out += [kv_config(lay, f, b) for b in (0.0, 1.0) if b in kv_budgets]
             out += [kv_config(lay, f, b, *_split_sel(sel)) for sel in kv_selections
                     for b in kv_budgets if 0.0 < b < 1.0]
-            out += [kv_config(lay, f, b) for b in ends if b == 1.0]
     return list(dict.fromkeys(out))
 
 

@@ -51,7 +51,8 @@ The model is loaded with transformers; a custom attention implementation ``"thri
 registered in ``AttentionInterface`` (and a mask function returning None in
 ``AttentionMaskInterface``: single unpadded sequences, causal inside the operator). The model
 runs in bf16 on CUDA and fp32 on CPU; on CPU q/k/v are cast to fp16 for the operator (the
-operator takes fp16/bf16 only) and the result back to fp32.
+operator takes fp16/bf16 only) and the result back to fp32 (a paged layout's model dtype is then
+fp16; bf16 on CUDA).
 """
 
 from __future__ import annotations

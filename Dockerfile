@@ -74,6 +74,7 @@ ENV HOME=/home/thrift \
     THRIFT_MODEL="" \
     THRIFT_FP16_BUDGET=0.05 \
     THRIFT_MAX_FP16_BUDGET=0.25 \
+    THRIFT_KV_LAYOUT=auto \
     HOST=0.0.0.0 \
     PORT=8000
 

@@ -4,6 +4,8 @@
 #                           (trained if shipped in the image, else the untrained placeholder)
 #   THRIFT_FP16_BUDGET      server default share of FP16 blocks (empty: the server's, 0.05)
 #   THRIFT_MAX_FP16_BUDGET  cap on per-request budgets (empty: the server's, 1.0)
+#   THRIFT_KV_LAYOUT        KV pages: auto (model-dtype K/V + FP4 copy) or nvfp4 (FP4 only,
+#                           ~3x the tokens per GiB); empty: auto
 #   HOST, PORT              bind address (0.0.0.0, 8000)
 # Arguments are appended after these flags, so they win (argparse keeps the last value).
 # A first argument that is not a flag is exec'd as a command (ray start ..., bash, ...).
@@ -15,6 +17,9 @@ fi
 
 if [ -n "${THRIFT_MAX_FP16_BUDGET:-}" ]; then
     set -- --max-fp16-budget "$THRIFT_MAX_FP16_BUDGET" "$@"
+fi
+if [ -n "${THRIFT_KV_LAYOUT:-}" ]; then
+    set -- --kv-layout "$THRIFT_KV_LAYOUT" "$@"
 fi
 if [ -n "${THRIFT_FP16_BUDGET:-}" ]; then
     set -- --fp16-budget "$THRIFT_FP16_BUDGET" "$@"

@@ -171,12 +171,13 @@ def run_entrypoint(fake_bin, env, *args):
 
 def test_entrypoint_maps_environment_to_serve_flags(fake_bin):
     r = run_entrypoint(fake_bin, {"THRIFT_MODEL": "org/m", "THRIFT_FP16_BUDGET": "0.1",
-                                  "THRIFT_MAX_FP16_BUDGET": "0.5", "PORT": "9001"},
+                                  "THRIFT_MAX_FP16_BUDGET": "0.5", "PORT": "9001",
+                                  "THRIFT_KV_LAYOUT": "nvfp4"},
                        "--tensor-parallel-size", "4")
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines() == [
         "serve", "org/m", "--host", "0.0.0.0", "--port", "9001", "--fp16-budget", "0.1",
-        "--max-fp16-budget", "0.5", "--tensor-parallel-size", "4"]
+        "--kv-layout", "nvfp4", "--max-fp16-budget", "0.5", "--tensor-parallel-size", "4"]
 
 
 def test_entrypoint_defaults_and_commands(fake_bin):

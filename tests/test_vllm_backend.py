@@ -367,7 +367,7 @@ def test_vllm_builder_budget_to_k_per_sequence(vllm_ok):
 
     b = object.__new__(ThriftAttentionMetadataBuilder)  # skip vLLM's config plumbing
     b.config, b.page_size, b.per_request = ThriftBackendConfig(fp16_budget=0.25), 128, False
-    b.use_triton = True  # the Triton path's per-step decode inputs are made here too
+    b.use_triton, b.graph_buffers = True, None  # Triton path: decode inputs made here too
     qsl = torch.tensor([0, 300, 301, 365], dtype=torch.int32)
     seq_lens = torch.tensor([300, 900, 1000], dtype=torch.int32)
     common = CommonAttentionMetadata(
@@ -661,3 +661,102 @@ def test_vllm_triton_path_matches_torch_path(vllm_ok, monkeypatch, kv_cache_dtyp
         a, r = got[lo:hi].double(), ref[lo:hi].double()
         assert ((a - r).norm() / r.norm()).item() < tol, (lo, hi)
     assert torch.isnan(got[T:]).all()
+
+
+def test_vllm_graph_decode_inputs_are_persistent(vllm_ok, monkeypatch):
+    """cuda_graphs on: pure-decode steps reuse one k buffer and vLLM's own seq_lens /
+    block_table (so a captured launch replays with new values), the select width is fixed, CUDA
+    graph padding rows (seq_len 0) count as padding; mixed steps use fresh inputs; the builder
+    declares UNIFORM_SINGLE_TOKEN_DECODE only when asked."""
+    from types import SimpleNamespace
+
+    from vllm.v1.attention.backend import AttentionCGSupport, CommonAttentionMetadata
+
+    from thrift_vllm.backend.decode_batch import GraphDecodeBuffers
+    from thrift_vllm.backend.thrift_attn import ThriftAttentionMetadataBuilder as Builder
+
+    b = object.__new__(Builder)
+    b.config = ThriftBackendConfig(fp16_budget=0.25, impl="triton", cuda_graphs=True)
+    b.page_size, b.per_request, b.use_triton = 128, False, True
+    b.graph_buffers = GraphDecodeBuffers(max_num_seqs=8, max_units=-(-4096 // 64), device="cpu")
+    block_table = torch.arange(8 * 16, dtype=torch.int32).view(8, 16)
+    seq_lens = torch.zeros(8, dtype=torch.int32)
+
+    def step(lens, qlens):
+        n = len(lens)
+        seq_lens[:n] = torch.tensor(lens, dtype=torch.int32)
+        qsl = torch.tensor([0, *torch.tensor(qlens).cumsum(0).tolist()], dtype=torch.int32)
+        return b.build(0, CommonAttentionMetadata(
+            query_start_loc=qsl, query_start_loc_cpu=qsl, seq_lens=seq_lens[:n], num_reqs=n,
+            num_actual_tokens=int(qsl[-1]), max_query_len=max(qlens), max_seq_len=max(lens),
+            block_table_tensor=block_table[:n], slot_mapping=torch.zeros(int(qsl[-1]))))
+
+    md1 = step([900, 64, 0], [1, 1, 1])  # the last row is CUDA-graph padding
+    md2 = step([901, 65, 3000], [1, 1, 1])
+    k_of = [budget_to_k(0.25, BlockGrid(1, s, 64, True)) for s in (901, 65, 3000)]
+    assert md1.decode.rows is None and md1.decode.max_num_fp16_blocks == 64
+    assert md1.num_fp16_blocks[2] == 0  # padding
+    assert md2.decode.num_fp16_blocks.tolist() == k_of
+    assert md1.decode.num_fp16_blocks.data_ptr() == md2.decode.num_fp16_blocks.data_ptr()
+    assert md2.decode.seq_lens.data_ptr() == seq_lens.data_ptr()
+    assert md2.decode.block_table.data_ptr() == block_table.data_ptr()
+    mixed = step([900, 300], [1, 64])  # a prefill chunk in the step: fresh inputs
+    assert mixed.decode.rows.tolist() == [0] and mixed.decode.seq_lens.tolist() == [900]
+    cfg = SimpleNamespace(additional_config={"thrift_vllm": {"cuda_graphs": True}})
+    full = AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
+    assert Builder.get_cudagraph_support(cfg, None) == full
+    cfg.additional_config["thrift_vllm"]["cuda_graphs"] = False
+    assert Builder.get_cudagraph_support(cfg, None) == AttentionCGSupport.NEVER
+
+
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "nvfp4"])
+def test_vllm_graph_decode_forward_matches_torch_path(vllm_ok, monkeypatch, kv_cache_dtype):
+    """The graph-mode decode (persistent inputs, rows 0..n-1 written in place, a padding row
+    with seq_len 0) gives the PyTorch path's output (Triton interpreted here)."""
+    from thrift_vllm import paged
+    from thrift_vllm.backend.decode_batch import GraphDecodeBuffers
+    from thrift_vllm.backend.thrift_attn import ThriftAttentionImpl, ThriftAttentionMetadata
+    from thrift_vllm.kv_layout import KVLayout
+
+    page, Hq, Hkv, D, dtype = 128, 4, 1, 64, torch.float16
+    layout = KVLayout(kv_cache_dtype, D, page, 64, "nvfp4", "block_mean", dtype)
+    g = torch.Generator().manual_seed(5)
+    lens = [1, 65, 200]
+    block_table = torch.randperm(8, generator=g).to(torch.int32).view(4, 2).contiguous()
+    cache = layout.allocate(8, Hkv, dtype=dtype if kv_cache_dtype == "auto" else torch.uint8)
+    monkeypatch.setenv("THRIFT_VLLM_IMPL", "triton")
+    monkeypatch.setenv("THRIFT_VLLM_CUDA_GRAPHS", "1")
+    impl = ThriftAttentionImpl(Hq, D, D ** -0.5, Hkv, kv_cache_dtype=kv_cache_dtype)
+    ks = [torch.randn(s, Hkv, D, generator=g).to(dtype) for s in lens]
+    vs = [torch.randn(s, Hkv, D, generator=g).to(dtype) for s in lens]
+    for i, s in enumerate(lens[:]):  # context written by earlier steps
+        pos = torch.arange(s - 1)
+        if len(pos):
+            impl.do_kv_cache_update(None, ks[i][:-1], vs[i][:-1], cache,
+                                    block_table[i, pos // page].long() * page + pos % page)
+    new_k = torch.cat([k[-1:] for k in ks] + [torch.zeros(1, Hkv, D, dtype=dtype)])
+    new_v = torch.cat([v[-1:] for v in vs] + [torch.zeros(1, Hkv, D, dtype=dtype)])
+    slots = torch.tensor([int(block_table[i, (s - 1) // page]) * page + (s - 1) % page
+                          for i, s in enumerate(lens)] + [-1])
+    impl.do_kv_cache_update(None, new_k, new_v, cache, slots)
+    query = torch.randn(4, Hq, D, generator=g).to(dtype)
+    budgets = [0.5, 0.0, 0.3, 0.05]
+    seq_lens = torch.tensor([*lens, 0], dtype=torch.int32)
+    k_list = [budget_to_k(b, BlockGrid(1, s, 64, True)) if s else 0
+              for b, s in zip(budgets, [*lens, 0], strict=True)]
+    dec = GraphDecodeBuffers(4, 4, "cpu").fill(seq_lens, block_table, k_list)
+    qsl = [0, 1, 2, 3, 4]
+    md = ThriftAttentionMetadata(
+        num_actual_tokens=4, num_reqs=4, max_query_len=1, max_seq_len=200,
+        query_start_loc=torch.tensor(qsl), seq_lens=seq_lens, block_table=block_table,
+        slot_mapping=slots, query_start_loc_host=qsl, seq_lens_host=[*lens, 0],
+        fp16_budgets=budgets, num_fp16_blocks=k_list, page_size=page, decode=dec)
+    output = torch.full_like(query, float("nan"))
+    impl.forward(None, query, new_k, new_v, cache, md, output)
+    want = paged.paged_attention(
+        layout, layout.views(cache), query[:3], new_k[:3], new_v[:3], query_start_loc=qsl[:4],
+        seq_lens=lens, block_table=block_table[:3], fp16_budgets=budgets[:3], scale=D ** -0.5)
+    for i in range(3):
+        a, r = output[i].double(), want[i].double()
+        assert ((a - r).norm() / r.norm()).item() < 2e-3, i
+    assert (output[3] == 0).all()  # the padding row: zeros, no NaN

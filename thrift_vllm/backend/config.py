@@ -55,6 +55,11 @@ class ThriftBackendConfig:
     """Kernel path: ``auto`` (Triton kernels on CUDA devices, the PyTorch path elsewhere),
     ``torch`` (the PyTorch path everywhere), ``triton`` (the kernels everywhere; on CPU only
     under ``TRITON_INTERPRET=1``, for tests)."""
+    cuda_graphs: bool = False
+    """Declare FULL CUDA graphs for pure-decode batches (``UNIFORM_SINGLE_TOKEN_DECODE``) on the
+    Triton path: the builder keeps the decode inputs in persistent buffers. Off by default until
+    it has run inside CUDA vLLM (issue 6); off, vLLM captures the model piecewise and runs
+    attention eagerly."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "fp16_budget", check_budget(self.fp16_budget))
@@ -64,6 +69,8 @@ class ThriftBackendConfig:
             raise ValueError(f"block_size must be one of {BLOCK_SIZES}, got {self.block_size!r}")
         if self.impl not in IMPLS:
             raise ValueError(f"impl must be one of {IMPLS}, got {self.impl!r}")
+        if not isinstance(self.cuda_graphs, bool):
+            raise ValueError(f"cuda_graphs must be true or false, got {self.cuda_graphs!r}")
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:
@@ -91,6 +98,16 @@ class ThriftBackendConfig:
         return cfg
 
 
+def boolean(raw: str) -> bool:
+    """``1/true/yes/on`` and ``0/false/no/off`` (any case); anything else raises ValueError."""
+    v = raw.strip().lower()
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"not a boolean: {raw!r}")
+
+
 def _env_values(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
     """The one place that reads the environment: ``THRIFT_VLLM_<FIELD>`` for each field."""
     environ = os.environ if environ is None else environ
@@ -99,7 +116,7 @@ def _env_values(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
         raw = environ.get(ENV_PREFIX + f.name.upper())
         if raw is None or raw == "":
             continue
-        convert = {"fp16_budget": float, "block_size": int}.get(f.name, str)
+        convert = {"fp16_budget": float, "block_size": int, "cuda_graphs": boolean}.get(f.name, str)
         try:
             out[f.name] = convert(raw)
         except ValueError:

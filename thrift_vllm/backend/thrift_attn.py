@@ -46,6 +46,7 @@ from thrift_vllm.backend.compat import (
     req_idx,
 )
 from thrift_vllm.backend.config import ThriftBackendConfig
+from thrift_vllm.backend.decode_batch import DecodeBatch, GraphDecodeBuffers
 from thrift_vllm.kv_layout import HEAD_SIZES, KVLayout
 from thrift_vllm.ops.kv_write import write_kv_triton
 from thrift_vllm.ops.paged_attention import paged_attention_triton, paged_decode_triton
@@ -55,35 +56,6 @@ logger = get_logger(__name__)
 
 BACKEND_NAME = "CUSTOM"  # the enum member vLLM resolves get_name() to (see plugin.py)
 SUPPORTED_HEAD_SIZES = HEAD_SIZES  # the page layout's (thrift_vllm.kv_layout)
-
-
-@dataclass
-class DecodeBatch:
-    """Device inputs of the paged decode launch for the step's one-token sequences, made once
-    per step by the builder and shared by every layer (Triton path only)."""
-
-    rows: torch.Tensor  # int64 [n]: their query rows
-    seq_lens: torch.Tensor  # int32 [n]
-    num_fp16_blocks: torch.Tensor  # int32 [n]
-    block_table: torch.Tensor  # int32 [n, max_pages]
-    max_num_fp16_blocks: int
-
-    @classmethod
-    def make(cls, qsl: list[int], seq_lens: list[int], ks: list[int],
-             block_table: torch.Tensor) -> DecodeBatch | None:
-        """From host lists (plain Python decides who decodes); None when nobody does."""
-        dec = [i for i in range(len(seq_lens)) if qsl[i + 1] - qsl[i] == 1]
-        if not dec:
-            return None
-        dev = block_table.device
-        idx = torch.tensor(dec, dtype=torch.long, device=dev)
-        return cls(rows=torch.tensor([qsl[i] for i in dec], dtype=torch.long, device=dev),
-                   seq_lens=torch.tensor([seq_lens[i] for i in dec], dtype=torch.int32,
-                                         device=dev),
-                   num_fp16_blocks=torch.tensor([ks[i] for i in dec], dtype=torch.int32,
-                                                device=dev),
-                   block_table=block_table[idx].to(torch.int32).contiguous(),
-                   max_num_fp16_blocks=max(ks[i] for i in dec))
 
 
 @dataclass
@@ -117,6 +89,22 @@ class ThriftAttentionMetadataBuilder(AttentionMetadataBuilder[ThriftAttentionMet
         self.page_size = kv_cache_spec.block_size
         self.per_request = request_budget.is_enabled(vllm_config)
         self.use_triton = uses_triton(self.config, device)
+        self.graph_buffers = None
+        if self.use_triton and self.config.cuda_graphs:
+            max_len = vllm_config.model_config.max_model_len
+            self.graph_buffers = GraphDecodeBuffers(
+                vllm_config.scheduler_config.max_num_seqs,
+                -(-max_len // self.config.block_size), device)
+
+    @classmethod
+    def get_cudagraph_support(cls, vllm_config: VllmConfig, kv_cache_spec: AttentionSpec
+                              ) -> AttentionCGSupport:
+        """FULL graphs for pure-decode batches when config ``cuda_graphs`` is on (Triton path,
+        persistent decode inputs); otherwise none (piecewise: attention runs eagerly)."""
+        cfg = ThriftBackendConfig.from_vllm_config(vllm_config)
+        if cfg.cuda_graphs and cfg.impl != "torch":
+            return AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
+        return AttentionCGSupport.NEVER
 
     def request_budgets(self, common: CommonAttentionMetadata) -> list[float]:
         """Per-sequence FP16 budget: the request's ``extra_args["fp16_budget"]`` when the
@@ -143,7 +131,7 @@ class ThriftAttentionMetadataBuilder(AttentionMetadataBuilder[ThriftAttentionMet
         ks, grids = [], []
         for i in range(num_reqs):
             sq, skv = qsl[i + 1] - qsl[i], seq_lens[i]
-            if sq <= 0:  # padding request
+            if sq <= 0 or skv <= 0:  # padding request (CUDA-graph padding: seq_len 0)
                 ks.append(0)
                 grids.append(None)
                 continue
@@ -166,9 +154,21 @@ class ThriftAttentionMetadataBuilder(AttentionMetadataBuilder[ThriftAttentionMet
             fp16_budgets=budgets,
             num_fp16_blocks=ks,
             page_size=self.page_size,
-            decode=DecodeBatch.make(qsl, seq_lens, ks, common.block_table_tensor[:num_reqs])
-            if self.use_triton else None,
+            decode=self._decode_batch(common, qsl, seq_lens, ks),
         )
+
+
+    def _decode_batch(self, common: CommonAttentionMetadata, qsl: list[int],
+                      seq_lens: list[int], ks: list[int]) -> DecodeBatch | None:
+        """The Triton path's decode inputs: persistent (graph-replayable) for pure-decode
+        batches when CUDA graphs are on, else fresh for the one-token sequences."""
+        if not self.use_triton:
+            return None
+        n = common.num_reqs
+        if self.graph_buffers is not None and common.max_query_len == 1:
+            return self.graph_buffers.fill(common.seq_lens[:n], common.block_table_tensor[:n],
+                                           ks)
+        return DecodeBatch.make(qsl, seq_lens, ks, common.block_table_tensor[:n])
 
 
 class ThriftAttentionBackend(AttentionBackend):
@@ -373,12 +373,17 @@ class ThriftAttentionImpl(AttentionImpl[ThriftAttentionMetadata]):
                                                     strict=True)], block_table)
         if dec is not None:
             fresh = layout.kv_layout == "nvfp4"  # the auto layout reads only the pages
+            n = dec.size
+            rows = slice(0, n) if dec.rows is None else dec.rows
+            direct = dec.rows is None and output.dtype == query.dtype
             out = paged_decode_triton(
-                layout, kv_cache, query[dec.rows], key[dec.rows] if fresh else None,
-                value[dec.rows] if fresh else None, block_table=dec.block_table,
+                layout, kv_cache, query[rows], key[rows] if fresh else None,
+                value[rows] if fresh else None, block_table=dec.block_table,
                 seq_lens=dec.seq_lens, num_fp16_blocks=dec.num_fp16_blocks, scale=self.scale,
-                max_num_fp16_blocks=dec.max_num_fp16_blocks)
-            output[dec.rows] = out.to(output.dtype)
+                max_num_fp16_blocks=dec.max_num_fp16_blocks,
+                out=output[:n] if direct else None)
+            if not direct:
+                output[rows] = out.to(output.dtype)
         if md.max_query_len > 1:
             paged_attention_triton(
                 layout, kv_cache, query, key, value, query_start_loc=md.query_start_loc_host,

@@ -279,7 +279,10 @@ class RunnerBase:
         return kw
 
     def thrift_config(self, budget: float) -> dict:
-        return {"thrift_vllm": {"fp16_budget": budget, "impl": self.args.impl}}
+        cfg = {"fp16_budget": budget, "impl": self.args.impl}
+        if getattr(self.args, "full_decode_graphs", False):
+            cfg["cuda_graphs"] = True  # FULL graphs of pure-decode steps (opt-in backend path)
+        return {"thrift_vllm": cfg}
 
     def with_engine(self, name: str, kwargs: dict, body: Callable[[object], None],
                     checks_if_down: Sequence[str]) -> None:

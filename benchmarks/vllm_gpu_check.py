@@ -319,6 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--phases", default="eager,graphs,budget",
                    type=lambda s: [x for x in s.split(",") if x],
                    help="CUSTOM engines to run after the FLASH_ATTN reference")
+    p.add_argument("--full-decode-graphs", action="store_true",
+                   help="backend config cuda_graphs: FULL CUDA graphs of pure-decode steps "
+                        "(UNIFORM_SINGLE_TOKEN_DECODE) instead of piecewise graphs")
     p.add_argument("--with-nvfp4", action="store_true",
                    help="also start a kv_cache_dtype=nvfp4 (FP4-only layout) engine")
     p.add_argument("--budget-eager", action="store_true",

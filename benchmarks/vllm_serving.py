@@ -142,6 +142,8 @@ class Bench(EngineTiming):
             kw["block_size"] = a.block_size
         if be["thrift"]:
             cfg = {"impl": a.impl}
+            if a.full_decode_graphs:
+                cfg["cuda_graphs"] = True  # FULL graphs of pure-decode steps (opt-in)
             if plan["budget"] is not None:
                 cfg["fp16_budget"] = plan["budget"]
             kw["additional_config"] = {"thrift_vllm": cfg}
@@ -324,6 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--block-size", type=int, default=0, help="0: the backend's preference")
     p.add_argument("--eager", action="store_true", help="enforce_eager (default: graphs)")
     p.add_argument("--impl", default="triton")
+    p.add_argument("--full-decode-graphs", action="store_true",
+                   help="thrift backend config cuda_graphs (FULL graphs of pure-decode steps)")
     p.add_argument("--unit", type=int, default=64, help="thrift selection unit (bytes/token)")
     p.add_argument("--quant-format", default="nvfp4")
     p.add_argument("--selection", default="block_mean")

@@ -21,10 +21,14 @@ bundle=../shared/gpu-vllm/vllm26-sm90-site.tar.xz
 sha=afde1014e7e00da771116d4233b8e69b0f443c4c87d47ce4a14faf68d12e6c71
 park=/tmp/vllm26-parts
 
+install_repo() {  # thrift_vllm (kernels/ and server/ map into it only when installed)
+    python3 -m pip install --no-build-isolation --no-deps -e . -q 2>&1 | tail -n 1 || true
+}
+
 env_setup() {
     export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 VLLM_NO_USAGE_STATS=1 \
         VLLM_USE_FLASHINFER_SAMPLER=0 PYTHONUNBUFFERED=1
-    python3 -m pip install --no-build-isolation --no-deps -e . -q 2>&1 | tail -n 1 || true
+    install_repo
 }
 
 case $phase in
@@ -37,6 +41,8 @@ stage0)
     mkdir -p "$park"
     cp .carry/vllm26.part0 "$park/"
     echo "parked $(du -h "$park/vllm26.part0" | cut -f1) in $park"
+    export PYTHONUNBUFFERED=1
+    install_repo
     if (($#)); then "$@"; fi
     ;;
 stage1)

@@ -203,10 +203,10 @@ def capture_launch(cfg: AotConfig):
     return fn, bound, options
 
 
-def compile_kernel(cfg: AotConfig):
-    """triton.compile the kernel of ``cfg``, launched as the launcher would, for
-    GPUTarget("cuda", cfg.arch, 32). Returns ``(CompiledKernel, constexprs, options)``;
-    ``.asm`` holds "ttir", "ttgir", "ptx", "cubin", ...
+def compile_launch(fn, args: dict, options: dict, arch: int):
+    """triton.compile ``fn`` with the bound launch arguments ``args`` (name -> value) and
+    ``options``, for GPUTarget("cuda", arch, 32). Returns ``(CompiledKernel, constexprs)``
+    (the kernel's own constexpr parameters); ``.asm`` holds "ttir", "ttgir", "ptx", "cubin", ...
 
     Specialisation follows the JIT: tensors become pointers to their dtype, 16-byte aligned;
     integers equal to 1 become constants, multiples of 16 get divisibility hints; floats fp32."""
@@ -214,7 +214,6 @@ def compile_kernel(cfg: AotConfig):
     import triton
     from triton.backends.compiler import GPUTarget
 
-    fn, args, options = capture_launch(cfg)
     const_params = {fn.arg_names[p.num] for p in fn.params if p.is_constexpr}
     signature: dict[str, str] = {}
     constexprs: dict[str, object] = {}
@@ -239,8 +238,15 @@ def compile_kernel(cfg: AotConfig):
             if val % 16 == 0:
                 attrs[(i,)] = [["tt.divisibility", 16]]
     src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
-    ck = triton.compile(src, target=GPUTarget("cuda", cfg.arch, 32), options=options)
-    shown = {n: v for n, v in constexprs.items() if n in const_params}
+    ck = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+    return ck, {n: v for n, v in constexprs.items() if n in const_params}
+
+
+def compile_kernel(cfg: AotConfig):
+    """:func:`compile_launch` on the kernel of ``cfg``, launched as the launcher would.
+    Returns ``(CompiledKernel, constexprs, options)``."""
+    fn, args, options = capture_launch(cfg)
+    ck, shown = compile_launch(fn, args, options, cfg.arch)
     return ck, shown, options
 
 

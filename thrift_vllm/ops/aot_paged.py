@@ -2,7 +2,7 @@
 
 Every Triton launch of ``write_kv_triton`` and ``paged_decode_triton`` on meta tensors is
 recorded and compiled for ``GPUTarget("cuda", arch, 32)`` with the JIT's specialisation (as
-``thrift_vllm.ops.aot.compile_kernel``). Run without the interpreter::
+``thrift_vllm.ops.aot.compile_launch``). Run without the interpreter::
 
     env -u TRITON_INTERPRET python -m thrift_vllm.ops.aot_paged --arch 90 100 120
 
@@ -61,38 +61,8 @@ def capture(kv_layout: str, fmt: str, selection: str, dtype: str = "fp16", D: in
     return out
 
 
-def compile_one(fn, args: dict, options: dict, arch: int):
-    """triton.compile with the JIT's specialisation (tensors 16-byte aligned pointers, ints
-    equal to 1 constant, multiples of 16 with divisibility hints)."""
-    import torch
-    import triton
-    from triton.backends.compiler import GPUTarget
-
-    from thrift_vllm.ops.aot import _TORCH_TO_TRITON
-
-    const_params = {fn.arg_names[p.num] for p in fn.params if p.is_constexpr}
-    signature, constexprs, attrs = {}, {}, {}
-    for i, name in enumerate(fn.arg_names):
-        val = args[name]
-        if name in const_params or val is None:
-            signature[name], constexprs[name] = "constexpr", val
-        elif isinstance(val, torch.Tensor):
-            signature[name] = "*" + _TORCH_TO_TRITON[str(val.dtype).removeprefix("torch.")]
-            attrs[(i,)] = [["tt.divisibility", 16]]
-        elif isinstance(val, float):
-            signature[name] = "fp32"
-        elif val == 1:
-            signature[name], constexprs[name] = "constexpr", 1
-        else:
-            signature[name] = "i32" if -(2**31) <= val < 2**31 else "i64"
-            if val % 16 == 0:
-                attrs[(i,)] = [["tt.divisibility", 16]]
-    src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
-
-
 def main(argv: list[str] | None = None) -> int:
-    from thrift_vllm.ops.aot import _check_not_interpreted, resource_usage
+    from thrift_vllm.ops.aot import _check_not_interpreted, compile_launch, resource_usage
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", type=int, nargs="+", default=[90, 100, 120])
@@ -108,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
             for fn, args, options in capture(kvl, fmt, sel, a.dtype, a.head_dim):
                 row = dict(arch=arch, kv_layout=kvl, fmt=fmt, selection=sel, kernel=fn.__name__)
                 try:
-                    ck = compile_one(fn, args, options, arch)
+                    ck = compile_launch(fn, args, options, arch)[0]
                     row.update(resource_usage(ck.asm["cubin"]))
                     row["mma"] = sorted(set(re.findall(r"\b(?:mma\.sync|wgmma\.mma_async)[\w.]*",
                                                        ck.asm["ptx"])))[:3]

@@ -33,9 +33,10 @@ DT = torch.bfloat16
 ROWS: list[dict] = []
 
 
-def bench(fn, reps: int = 20) -> float:
-    """Median milliseconds over `reps` calls after warm-up, CUDA events."""
-    fn()
+def bench(fn, reps: int = 20, warmup: int = 1) -> float:
+    """Median milliseconds over `reps` calls after `warmup` calls, CUDA events."""
+    for _ in range(warmup):
+        fn()
     torch.cuda.synchronize()
     times = []
     for _ in range(reps):

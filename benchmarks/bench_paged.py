@@ -31,6 +31,7 @@ import time
 import traceback
 
 import torch
+from bench_operator import bench as cuda_median_ms  # benchmarks/ is sys.path[0]
 
 from thrift_vllm.kv_layout import KVLayout
 from thrift_vllm.ops.kv_write import write_kv_triton
@@ -48,24 +49,15 @@ DEV = "cuda"  # "cpu" only for a dry run of the script under TRITON_INTERPRET=1 
 
 
 def bench(fn, reps: int = 20) -> float:
-    """Median milliseconds over ``reps`` calls after two warm-ups (CUDA events)."""
-    fn()
-    fn()
+    """Median milliseconds over ``reps`` calls after two warm-ups (CUDA events; one timed
+    call on the CPU dry run)."""
     if DEV != "cuda":
+        fn()
+        fn()
         t = time.perf_counter()
         fn()
         return (time.perf_counter() - t) * 1e3
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    times.sort()
-    return times[len(times) // 2]
+    return cuda_median_ms(fn, reps, warmup=2)
 
 
 def emit(out: str, row: dict) -> None:

@@ -254,17 +254,24 @@ def _decode_reduce_kernel(
     bh = tl.program_id(0)
     b = (bh // Hq).to(tl.int64)
     h = bh % Hq
+    _merge_splits(Acc + b * stride_ab + h * stride_ah, ML + b * stride_mb + h * stride_mh,
+                  Out + b * stride_ob + h * stride_oh, num_splits, stride_as, stride_ms,
+                  D, SPLIT_POW2)
+
+
+@triton.jit
+def _merge_splits(acc_ptr, ml_ptr, out_ptr, n_splits, stride_as, stride_ms, D: tl.constexpr,
+                  SPLIT_POW2: tl.constexpr):
+    """One (sequence, query head): out[:] = sum_s 2**(m_s - M) acc_s / sum_s 2**(m_s - M) l_s
+    over the first ``n_splits`` partials (no partial, or no weight: zeros)."""
     offs_s = tl.arange(0, SPLIT_POW2)
-    smask = offs_s < num_splits
-    ml = ML + b * stride_mb + h * stride_mh + offs_s * stride_ms
-    m = tl.load(ml, mask=smask, other=-1.0e30)
-    l_s = tl.load(ml + 1, mask=smask, other=0.0)
+    smask = offs_s < n_splits
+    m = tl.load(ml_ptr + offs_s * stride_ms, mask=smask, other=-1.0e30)
+    l_s = tl.load(ml_ptr + offs_s * stride_ms + 1, mask=smask, other=0.0)
     w = tl.where(smask, tl.math.exp2(m - tl.max(m, axis=0)), 0.0)
     offs_d = tl.arange(0, D)
-    acc = tl.load(
-        Acc + b * stride_ab + h * stride_ah + offs_s[:, None] * stride_as + offs_d[None, :],
-        mask=smask[:, None],
-        other=0.0,
-    )
-    out = tl.sum(acc * w[:, None], axis=0) / tl.sum(l_s * w, axis=0)
-    tl.store(Out + b * stride_ob + h * stride_oh + offs_d, out.to(Out.dtype.element_ty))
+    acc = tl.load(acc_ptr + offs_s[:, None] * stride_as + offs_d[None, :], mask=smask[:, None],
+                  other=0.0)
+    den = tl.sum(l_s * w, axis=0)
+    out = tl.sum(acc * w[:, None], axis=0) / tl.where(den > 0, den, 1.0)
+    tl.store(out_ptr + offs_d, out.to(out_ptr.dtype.element_ty))

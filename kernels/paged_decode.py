@@ -17,6 +17,7 @@ dtype, except the step's own token (position seq_len - 1), which comes from the 
 
 import triton
 import triton.language as tl
+from thrift_vllm.kernels.decode import _merge_splits
 from thrift_vllm.kernels.fp4 import _dequant_tile_mma
 from thrift_vllm.kernels.kv_write import _fp4_encode
 from thrift_vllm.kernels.tiles import _dot, _fp4_pv, _fp4_softmax, _load_dequant, _load_dequant_mma
@@ -207,15 +208,6 @@ def _paged_reduce_kernel(
     seq_len = tl.load(SeqLens + b)
     n_units = (seq_len + U - 1) // U
     n_act = (n_units + tiles_per_split - 1) // tiles_per_split
-    offs_s = tl.arange(0, SPLIT_POW2)
-    smask = offs_s < n_act
-    ml = ML + b * stride_mb + h * stride_mh + offs_s * stride_ms
-    m = tl.load(ml, mask=smask, other=-1.0e30)
-    l_s = tl.load(ml + 1, mask=smask, other=0.0)
-    w = tl.where(smask, tl.math.exp2(m - tl.max(m, axis=0)), 0.0)
-    offs_d = tl.arange(0, D)
-    acc = tl.load(Acc + b * stride_ab + h * stride_ah + offs_s[:, None] * stride_as
-                  + offs_d[None, :], mask=smask[:, None], other=0.0)
-    den = tl.sum(l_s * w, axis=0)
-    out = tl.sum(acc * w[:, None], axis=0) / tl.where(den > 0, den, 1.0)
-    tl.store(Out + b * stride_ob + h * stride_oh + offs_d, out.to(Out.dtype.element_ty))
+    _merge_splits(Acc + b * stride_ab + h * stride_ah, ML + b * stride_mb + h * stride_mh,
+                  Out + b * stride_ob + h * stride_oh, n_act, stride_as, stride_ms, D,
+                  SPLIT_POW2)

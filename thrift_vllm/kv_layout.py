@@ -207,24 +207,30 @@ class KVLayout:
                 f"{ours} B/token/layer vs stock {stock} ({ours / stock:.2f}x)")
 
     # --- views ----------------------------------------------------------------------------------
-    def views(self, kv_cache: torch.Tensor) -> KVViews:
-        """Typed views (no copies) of one layer's cache ``[num_blocks, H, P, C]`` in any dtype
-        whose rows are ``C`` bytes (viewed as uint8 first). Writes through the views land in
-        ``kv_cache``. Shapes in :class:`KVViews`."""
+    def bytes_view(self, kv_cache: torch.Tensor) -> torch.Tensor:
+        """One layer's cache ``[num_blocks, H, P, C / itemsize]`` (any dtype) as uint8
+        ``[num_blocks, H, P, C]``, after checking it has this layout's page shape and that each
+        (block, head)'s ``P * C`` bytes are one contiguous run; ValueError otherwise."""
         if not isinstance(kv_cache, torch.Tensor) or kv_cache.dim() != 4:
             raise ValueError(f"kv_cache must be a 4-d tensor [num_blocks, H, P, C], got "
                              f"{getattr(kv_cache, 'shape', type(kv_cache).__name__)}")
         if kv_cache.stride(-1) != 1:
             raise ValueError(f"kv_cache rows must be contiguous, strides {kv_cache.stride()}")
         u8 = kv_cache.view(torch.uint8)
-        nb, H, P, C = u8.shape
+        P, C = u8.shape[2:]
         if P != self.page_size or C != self.bytes_per_head_token:
             raise ValueError(f"kv_cache has pages of {P} tokens x {C} bytes; the layout needs "
                              f"{self.page_size} x {self.bytes_per_head_token} ({self})")
-        try:  # a (block, head)'s P * C bytes must be one contiguous run
-            flat = u8.view(nb, H, P * C)
-        except RuntimeError as e:
-            raise ValueError(f"kv_cache pages are not contiguous (strides {u8.stride()})") from e
+        if P > 1 and u8.stride(2) != C:  # a (block, head)'s P * C bytes: one contiguous run
+            raise ValueError(f"kv_cache pages are not contiguous (strides {u8.stride()})")
+        return u8
+
+    def views(self, kv_cache: torch.Tensor) -> KVViews:
+        """Typed views (no copies) of one layer's cache ``[num_blocks, H, P, C]`` in any dtype
+        whose rows are ``C`` bytes (viewed as uint8 first). Writes through the views land in
+        ``kv_cache``. Shapes in :class:`KVViews`."""
+        u8 = self.bytes_view(kv_cache)
+        flat = u8.flatten(2)  # [nb, H, P * C]: a view, the pages are contiguous runs
         found: dict[str, torch.Tensor] = {}
         for r in self.regions:
             t = flat[:, :, r.offset:r.offset + r.nbytes]

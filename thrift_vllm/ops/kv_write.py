@@ -25,8 +25,7 @@ def region_offsets(layout: KVLayout) -> dict[str, int]:
 def cache_bytes(kv_cache: torch.Tensor, layout: KVLayout, num_kv_heads: int) -> torch.Tensor:
     """``kv_cache`` ``[num_blocks, Hkv, P, C / itemsize]`` (any dtype) as uint8 ``[nb, Hkv, P, C]``
     after checking it matches ``layout`` with contiguous pages (``KVLayout.views`` rules)."""
-    layout.views(kv_cache)  # validates page shape and contiguity
-    u8 = kv_cache.view(torch.uint8)
+    u8 = layout.bytes_view(kv_cache)  # validates page shape and contiguity
     if u8.shape[1] != num_kv_heads:
         raise ValueError(f"kv_cache has {u8.shape[1]} KV heads, the inputs {num_kv_heads}")
     return u8

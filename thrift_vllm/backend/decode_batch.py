@@ -3,8 +3,9 @@ shared by every layer (the Triton path; thrift_vllm.ops.paged_attention.paged_de
 
 Two ways to make them:
 
-* :meth:`DecodeBatch.make` (eager): fresh tensors for the step's one-token sequences, wherever
-  they sit in the batch; the select width is this step's largest k.
+* ``DecodeBatch.make`` (eager; ``thrift_vllm.ops.paged_attention``): fresh tensors for the
+  step's one-token sequences, wherever they sit in the batch; the select width is this step's
+  largest k.
 * :class:`GraphDecodeBuffers` (FULL CUDA graphs of pure-decode batches): the k per sequence
   lives in a persistent buffer updated in place, ``seq_lens`` and ``block_table`` are vLLM's own
   persistent runner buffers, the query rows are ``0..n-1`` and the select width is fixed (every
@@ -13,39 +14,9 @@ Two ways to make them:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-
-@dataclass
-class DecodeBatch:
-    rows: torch.Tensor | None  # int64 [n]: the query rows; None = rows 0..n-1 in order
-    seq_lens: torch.Tensor  # int32 [n]: context incl. the new token; 0 = idle (padding) row
-    num_fp16_blocks: torch.Tensor  # int32 [n]: FP16 units per sequence
-    block_table: torch.Tensor  # int32 [n, max_pages]
-    max_num_fp16_blocks: int  # width of the selected-unit lists
-
-    @property
-    def size(self) -> int:
-        return self.seq_lens.shape[0]
-
-    @classmethod
-    def make(cls, qsl: list[int], seq_lens: list[int], ks: list[int],
-             block_table: torch.Tensor) -> DecodeBatch | None:
-        """From host lists (plain Python decides who decodes); None when nobody does."""
-        dec = [i for i in range(len(seq_lens)) if qsl[i + 1] - qsl[i] == 1 and seq_lens[i] > 0]
-        if not dec:
-            return None
-        dev = block_table.device
-        idx = torch.tensor(dec, dtype=torch.long, device=dev)
-        return cls(rows=torch.tensor([qsl[i] for i in dec], dtype=torch.long, device=dev),
-                   seq_lens=torch.tensor([seq_lens[i] for i in dec], dtype=torch.int32,
-                                         device=dev),
-                   num_fp16_blocks=torch.tensor([ks[i] for i in dec], dtype=torch.int32,
-                                                device=dev),
-                   block_table=block_table[idx].to(torch.int32).contiguous(),
-                   max_num_fp16_blocks=max(ks[i] for i in dec))
+from thrift_vllm.ops.paged_attention import DecodeBatch
 
 
 class GraphDecodeBuffers:

@@ -14,7 +14,7 @@ Write / forward: ``thrift_vllm.paged.write_kv`` / ``paged_attention`` on CPU (Py
 sequence, the query chunk against its pages, bottom-right causal, so prefill, chunked prefill,
 decode and mixed batches are one code path). With config ``impl`` "triton" (or "auto" on CUDA):
 ``thrift_vllm.ops.kv_write.write_kv_triton`` and, for the sequences with one new token, one
-paged decode launch (``ops.paged_attention.paged_decode_triton``) whose device inputs the
+paged decode launch (``ops.paged_attention.paged_decode_batch``) whose device inputs the
 builder makes once per step (:class:`DecodeBatch`); longer query chunks go through
 ``ops.paged_attention.paged_attention_triton`` (gathered pages, the prefill kernel).
 """
@@ -46,10 +46,14 @@ from thrift_vllm.backend.compat import (
     req_idx,
 )
 from thrift_vllm.backend.config import ThriftBackendConfig
-from thrift_vllm.backend.decode_batch import DecodeBatch, GraphDecodeBuffers
+from thrift_vllm.backend.decode_batch import GraphDecodeBuffers
 from thrift_vllm.kv_layout import HEAD_SIZES, KVLayout
 from thrift_vllm.ops.kv_write import write_kv_triton
-from thrift_vllm.ops.paged_attention import paged_attention_triton, paged_decode_triton
+from thrift_vllm.ops.paged_attention import (
+    DecodeBatch,
+    paged_attention_triton,
+    paged_decode_batch,
+)
 from thrift_vllm.selection import BlockGrid, budget_to_k
 
 logger = get_logger(__name__)
@@ -367,23 +371,11 @@ class ThriftAttentionImpl(AttentionImpl[ThriftAttentionMetadata]):
         block_table = md.block_table[:md.num_reqs]
         dec = md.decode
         if dec is None:  # metadata not made by our builder (tests)
-            dec = DecodeBatch.make(md.query_start_loc_host, md.seq_lens_host,
-                                   [budget_to_k(b, BlockGrid(1, s, layout.unit, True))
-                                    for b, s in zip(md.fp16_budgets, md.seq_lens_host,
-                                                    strict=True)], block_table)
+            dec = DecodeBatch.from_budgets(md.query_start_loc_host, md.seq_lens_host,
+                                           md.fp16_budgets, block_table, layout.unit)
         if dec is not None:
-            fresh = layout.kv_layout == "nvfp4"  # the auto layout reads only the pages
-            n = dec.size
-            rows = slice(0, n) if dec.rows is None else dec.rows
-            direct = dec.rows is None and output.dtype == query.dtype
-            out = paged_decode_triton(
-                layout, kv_cache, query[rows], key[rows] if fresh else None,
-                value[rows] if fresh else None, block_table=dec.block_table,
-                seq_lens=dec.seq_lens, num_fp16_blocks=dec.num_fp16_blocks, scale=self.scale,
-                max_num_fp16_blocks=dec.max_num_fp16_blocks,
-                out=output[:n] if direct else None)
-            if not direct:
-                output[rows] = out.to(output.dtype)
+            paged_decode_batch(layout, kv_cache, query, key, value, dec, scale=self.scale,
+                               output=output)
         if md.max_query_len > 1:
             paged_attention_triton(
                 layout, kv_cache, query, key, value, query_start_loc=md.query_start_loc_host,

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -157,6 +158,72 @@ def paged_decode_triton(
 
 # --- prefill / chunked prefill: gather, then the contiguous prefill kernel ----------------------
 
+@dataclass
+class DecodeBatch:
+    """Inputs of one :func:`paged_decode_triton` launch for a batch's one-token sequences."""
+
+    rows: torch.Tensor | None  # int64 [n]: their query rows; None = rows 0..n-1 in order
+    seq_lens: torch.Tensor  # int32 [n]: context incl. the new token; 0 = idle (padding) row
+    num_fp16_blocks: torch.Tensor  # int32 [n]: FP16 units per sequence
+    block_table: torch.Tensor  # int32 [n, max_pages]
+    max_num_fp16_blocks: int  # width of the selected-unit lists
+
+    @property
+    def size(self) -> int:
+        return self.seq_lens.shape[0]
+
+    @classmethod
+    def make(cls, query_start_loc: Sequence[int], seq_lens: Sequence[int], ks: Sequence[int],
+             block_table: torch.Tensor) -> DecodeBatch | None:
+        """The sequences with one query, from host lists (``ks``: FP16 units per sequence);
+        None when there are none."""
+        dec = [i for i in range(len(seq_lens)) if query_start_loc[i + 1] - query_start_loc[i] == 1]
+        if not dec:
+            return None
+        dev = block_table.device
+
+        def dev_tensor(values, dtype):
+            return torch.tensor(values, dtype=dtype, device=dev)
+
+        return cls(rows=dev_tensor([query_start_loc[i] for i in dec], torch.long),
+                   seq_lens=dev_tensor([seq_lens[i] for i in dec], torch.int32),
+                   num_fp16_blocks=dev_tensor([ks[i] for i in dec], torch.int32),
+                   block_table=block_table[dev_tensor(dec, torch.long)].to(torch.int32)
+                   .contiguous(),
+                   max_num_fp16_blocks=max(ks[i] for i in dec))
+
+    @classmethod
+    def from_budgets(cls, query_start_loc: Sequence[int], seq_lens: Sequence[int],
+                     fp16_budgets: Sequence[float], block_table: torch.Tensor, unit: int
+                     ) -> DecodeBatch | None:
+        """:meth:`make` with each one-query sequence's k from its budget (``budget_to_k`` of
+        its one-row grid)."""
+        ks = [budget_to_k(float(b), BlockGrid(1, s, unit, True))
+              if query_start_loc[i + 1] - query_start_loc[i] == 1 else 0
+              for i, (b, s) in enumerate(zip(fp16_budgets, seq_lens, strict=True))]
+        return cls.make(query_start_loc, seq_lens, ks, block_table)
+
+
+def paged_decode_batch(layout: KVLayout, kv_cache: torch.Tensor, query: torch.Tensor,
+                       key: torch.Tensor | None, value: torch.Tensor | None, dec: DecodeBatch,
+                       *, scale: float, output: torch.Tensor, force_sink_recent: bool = False
+                       ) -> torch.Tensor:
+    """:func:`paged_decode_triton` for ``dec``'s sequences: query/key/value ``[T, H, D]`` (key
+    and value read in the nvfp4 layout only), results into ``output [T, Hq, D]``'s rows (in
+    place when the rows are 0..n-1 and the dtypes agree)."""
+    fresh = layout.kv_layout == "nvfp4"  # the auto layout reads only the pages
+    rows = slice(0, dec.size) if dec.rows is None else dec.rows
+    direct = dec.rows is None and output.dtype == query.dtype
+    out = paged_decode_triton(
+        layout, kv_cache, query[rows], key[rows] if fresh else None,
+        value[rows] if fresh else None, block_table=dec.block_table, seq_lens=dec.seq_lens,
+        num_fp16_blocks=dec.num_fp16_blocks, scale=scale, force_sink_recent=force_sink_recent,
+        max_num_fp16_blocks=dec.max_num_fp16_blocks, out=output[:dec.size] if direct else None)
+    if not direct:
+        output[rows] = out.to(output.dtype)
+    return output
+
+
 def _rows(t: torch.Tensor, pages: torch.Tensor) -> torch.Tensor:
     """``t [nb, H, R, X]`` at ``pages`` -> ``[H, n_pages * R, X]``."""
     g = t[pages].transpose(0, 1)
@@ -233,7 +300,7 @@ def paged_attention_triton(
     untouched). Sequences with one query go through one paged decode launch; longer ones are
     gathered and run through the contiguous prefill kernel, one launch set per sequence.
     ``skip_single_query``: leave the one-query sequences to the caller (the vLLM backend runs
-    them through :func:`paged_decode_triton` with inputs its builder made once per step).
+    them through :func:`paged_decode_batch` with inputs its builder made once per step).
     """
     if query.dim() != 3 or query.shape[2] != layout.head_size:
         raise ValueError(f"query must be [T, Hq, {layout.head_size}], got {tuple(query.shape)}")
@@ -243,21 +310,11 @@ def paged_attention_triton(
     if layout.kv_layout == "nvfp4" and (key is None or value is None):
         raise ValueError("the nvfp4 layout needs the step's key and value")
     output = torch.empty_like(query) if output is None else output
-    dec = [i for i in range(B) if query_start_loc[i + 1] - query_start_loc[i] == 1]
-    if dec and not skip_single_query:
-        dev = query.device
-        rows = torch.tensor([query_start_loc[i] for i in dec], dtype=torch.long, device=dev)
-        ks = [budget_to_k(float(fp16_budgets[i]), BlockGrid(1, seq_lens[i], layout.unit, True))
-              for i in dec]
-        idx = torch.tensor(dec, dtype=torch.long, device=dev)
-        out = paged_decode_triton(
-            layout, kv_cache, query[rows],
-            None if key is None else key[rows], None if value is None else value[rows],
-            block_table=block_table[idx].to(torch.int32).contiguous(),
-            seq_lens=torch.tensor([seq_lens[i] for i in dec], dtype=torch.int32, device=dev),
-            num_fp16_blocks=torch.tensor(ks, dtype=torch.int32, device=dev), scale=scale,
-            force_sink_recent=force_sink_recent, max_num_fp16_blocks=max(ks))
-        output[rows] = out.to(output.dtype)
+    dec = None if skip_single_query else DecodeBatch.from_budgets(
+        query_start_loc, seq_lens, fp16_budgets, block_table, layout.unit)
+    if dec is not None:
+        paged_decode_batch(layout, kv_cache, query, key, value, dec, scale=scale,
+                           output=output, force_sink_recent=force_sink_recent)
     views = None
     for i in range(B):
         q0, q1, skv = query_start_loc[i], query_start_loc[i + 1], seq_lens[i]

@@ -204,14 +204,14 @@ def startup_line(args, info) -> str:
 
 
 def kv_bytes_per_token(model_config, page_size: int, kv_layout: str, backend) -> dict:
-    """KV bytes per token of the whole model in the backend's page layout (plain arithmetic,
-    thrift_vllm.kv_layout) and vLLM's stock layout, for the capacity line and ``/metrics``."""
-    from thrift_vllm.kv_layout import KVLayout
+    """KV bytes per token of the whole model in the backend's page layout (the backend's own
+    ``kv_pages.layout_for``) and vLLM's stock layout, for the capacity line and ``/metrics``."""
+    from thrift_vllm.backend.kv_pages import layout_for
 
     layers = model_config.hf_text_config.num_hidden_layers  # whole model (every PP stage)
     heads = model_config.get_total_num_kv_heads()
-    lay = KVLayout(kv_layout, model_config.get_head_size(), page_size, backend.block_size,
-                   backend.quant_format, backend.selection, model_config.dtype)
+    lay = layout_for(kv_layout, model_config.get_head_size(), page_size, backend,
+                     model_config.dtype)
     return {"kv_bytes_per_token": layers * lay.bytes_per_token(heads),
             "kv_bytes_per_token_stock": layers * lay.stock_bytes_per_token(heads)}
 

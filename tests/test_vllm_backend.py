@@ -262,49 +262,57 @@ def _paged_case(layout, Hkv=2, seed=0):
     return seqs, block_table, ks, vs, kv_cache
 
 
+def _run_impl(impl, layout, seqs, block_table, ks, vs, kv_cache, query, budgets):
+    """Two steps through the Impl (context, then this step + 2 padding slots); returns
+    ``(output, this step's K, this step's V, query_start_loc)``."""
+    from thrift_vllm.backend.thrift_attn import ThriftAttentionMetadata
+
+    page, Hkv, D, dtype = layout.page_size, ks[0].shape[0], layout.head_size, layout.dtype
+    for i, (sq, skv) in enumerate(seqs):
+        pos = torch.arange(skv - sq)
+        slots = block_table[i, pos // page].long() * page + pos % page
+        impl.do_kv_cache_update(None, ks[i][:, :skv - sq].transpose(0, 1),  # strided rows
+                                vs[i][:, :skv - sq].transpose(0, 1), kv_cache, slots)
+    new_k = torch.cat([ks[i][:, skv - sq:].transpose(0, 1) for i, (sq, skv) in enumerate(seqs)]
+                      + [torch.full((2, Hkv, D), 7.0, dtype=dtype)])
+    new_v = torch.cat([vs[i][:, skv - sq:].transpose(0, 1) for i, (sq, skv) in enumerate(seqs)]
+                      + [torch.full((2, Hkv, D), 7.0, dtype=dtype)])
+    slots = torch.cat([block_table[i, p // page].long() * page + p % page for i, p in
+                       enumerate(torch.arange(skv - sq, skv) for sq, skv in seqs)]
+                      + [torch.full((2,), -1)])
+    impl.do_kv_cache_update(None, new_k, new_v, kv_cache, slots)
+    qsl = [0]
+    for sq, _ in seqs:
+        qsl.append(qsl[-1] + sq)
+    md = ThriftAttentionMetadata(
+        num_actual_tokens=qsl[-1], num_reqs=len(seqs), max_query_len=max(s for s, _ in seqs),
+        max_seq_len=max(s for _, s in seqs), query_start_loc=torch.tensor(qsl),
+        seq_lens=torch.tensor([s for _, s in seqs], dtype=torch.int32), block_table=block_table,
+        slot_mapping=slots, query_start_loc_host=qsl, seq_lens_host=[s for _, s in seqs],
+        fp16_budgets=budgets, num_fp16_blocks=[0] * len(seqs), page_size=page)
+    output = torch.full_like(query, float("nan"))
+    impl.forward(None, query, new_k, new_v, kv_cache, md, output)
+    return output, new_k, new_v, qsl
+
+
 @pytest.mark.parametrize("kv_cache_dtype", ["auto", "nvfp4"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_vllm_paged_forward_equals_operator(vllm_ok, kv_cache_dtype, dtype):
     """Impl.do_kv_cache_update + forward on FP4 pages == thrift_vllm.paged's definition; for
     the auto layout that is thrift_vllm.attention on the contiguous K/V, bit for bit."""
     from thrift_vllm import paged
-    from thrift_vllm.backend.thrift_attn import ThriftAttentionImpl, ThriftAttentionMetadata
+    from thrift_vllm.backend.thrift_attn import ThriftAttentionImpl
     from thrift_vllm.kv_layout import KVLayout
 
     page, Hq, Hkv, D = 128, 4, 2, 64
     layout = KVLayout(kv_cache_dtype, D, page, 64, "nvfp4", "block_mean", dtype)
     seqs, block_table, ks, vs, kv_cache = _paged_case(layout, Hkv)
     impl = ThriftAttentionImpl(Hq, D, D ** -0.5, Hkv, kv_cache_dtype=kv_cache_dtype)
-    # Context tokens first (as earlier steps would have), then this step's tokens + 2 padding.
-    for i, (sq, skv) in enumerate(seqs):
-        pos = torch.arange(skv - sq)
-        slots = block_table[i, pos // page].long() * page + pos % page
-        impl.do_kv_cache_update(None, ks[i][:, :skv - sq].transpose(0, 1),
-                                vs[i][:, :skv - sq].transpose(0, 1), kv_cache, slots)
-    new_k = torch.cat([ks[i][:, skv - sq:].transpose(0, 1) for i, (sq, skv) in enumerate(seqs)])
-    new_v = torch.cat([vs[i][:, skv - sq:].transpose(0, 1) for i, (sq, skv) in enumerate(seqs)])
-    slots = torch.cat([block_table[i, p // page].long() * page + p % page for i, p in
-                       enumerate(torch.arange(skv - sq, skv) for sq, skv in seqs)])
-    pad = 2
-    new_k = torch.cat([new_k, torch.full((pad, Hkv, D), 7.0, dtype=dtype)])
-    new_v = torch.cat([new_v, torch.full((pad, Hkv, D), 7.0, dtype=dtype)])
-    slots = torch.cat([slots, torch.full((pad,), -1)])
-    impl.do_kv_cache_update(None, new_k, new_v, kv_cache, slots)
-
-    T = sum(sq for sq, _ in seqs)
+    T, pad = sum(sq for sq, _ in seqs), 2
     query = torch.randn(T + pad, Hq, D, generator=torch.Generator().manual_seed(1)).to(dtype)
-    qsl = [0]
-    for sq, _ in seqs:
-        qsl.append(qsl[-1] + sq)
     budgets = [0.0, 0.3, 1.0]  # one per sequence, as per-request budgets arrive
-    md = ThriftAttentionMetadata(
-        num_actual_tokens=T, num_reqs=len(seqs), max_query_len=70, max_seq_len=200,
-        query_start_loc=torch.tensor(qsl, dtype=torch.int32),
-        seq_lens=torch.tensor([s for _, s in seqs], dtype=torch.int32), block_table=block_table,
-        slot_mapping=slots, query_start_loc_host=qsl, seq_lens_host=[s for _, s in seqs],
-        fp16_budgets=budgets, num_fp16_blocks=[0] * len(seqs), page_size=page)
-    output = torch.full((T + pad, Hq, D), float("nan"), dtype=dtype)
-    impl.forward(None, query, new_k, new_v, kv_cache, md, output)
+    output, new_k, new_v, qsl = _run_impl(impl, layout, seqs, block_table, ks, vs, kv_cache,
+                                          query, budgets)
     want = paged.paged_attention(
         layout, layout.views(kv_cache), query, new_k, new_v, query_start_loc=qsl,
         seq_lens=[s for _, s in seqs], block_table=block_table, fp16_budgets=budgets,
@@ -599,38 +607,6 @@ def test_vllm_e2e_tensor_parallel_2(tmp_path_factory, e2e_results):
     assert out["tp2"] == stock
 
 
-def _run_impl(impl, layout, seqs, block_table, ks, vs, kv_cache, query, budgets):
-    """Two steps through the Impl (context, then this step + 2 padding slots); returns output."""
-    from thrift_vllm.backend.thrift_attn import ThriftAttentionMetadata
-
-    page, Hkv, D, dtype = layout.page_size, ks[0].shape[0], layout.head_size, layout.dtype
-    for i, (sq, skv) in enumerate(seqs):
-        pos = torch.arange(skv - sq)
-        slots = block_table[i, pos // page].long() * page + pos % page
-        impl.do_kv_cache_update(None, ks[i][:, :skv - sq].transpose(0, 1).contiguous(),
-                                vs[i][:, :skv - sq].transpose(0, 1).contiguous(), kv_cache,
-                                slots)
-    new_k = torch.cat([ks[i][:, skv - sq:].transpose(0, 1) for i, (sq, skv) in enumerate(seqs)]
-                      + [torch.full((2, Hkv, D), 7.0, dtype=dtype)])
-    new_v = torch.cat([vs[i][:, skv - sq:].transpose(0, 1) for i, (sq, skv) in enumerate(seqs)]
-                      + [torch.full((2, Hkv, D), 7.0, dtype=dtype)])
-    slots = torch.cat([block_table[i, p // page].long() * page + p % page for i, p in
-                       enumerate(torch.arange(skv - sq, skv) for sq, skv in seqs)]
-                      + [torch.full((2,), -1)])
-    impl.do_kv_cache_update(None, new_k, new_v, kv_cache, slots)
-    qsl = [0]
-    for sq, _ in seqs:
-        qsl.append(qsl[-1] + sq)
-    md = ThriftAttentionMetadata(
-        num_actual_tokens=qsl[-1], num_reqs=len(seqs), max_query_len=max(s for s, _ in seqs),
-        max_seq_len=max(s for _, s in seqs), query_start_loc=torch.tensor(qsl),
-        seq_lens=torch.tensor([s for _, s in seqs], dtype=torch.int32), block_table=block_table,
-        slot_mapping=slots, query_start_loc_host=qsl, seq_lens_host=[s for _, s in seqs],
-        fp16_budgets=budgets, num_fp16_blocks=[0] * len(seqs), page_size=page)
-    output = torch.full_like(query, float("nan"))
-    impl.forward(None, query, new_k, new_v, kv_cache, md, output)
-    return output, qsl[-1]
-
 
 @pytest.mark.parametrize("kv_cache_dtype,dtype", [("auto", torch.float16),
                                                   ("nvfp4", torch.bfloat16)])
@@ -650,11 +626,11 @@ def test_vllm_triton_path_matches_torch_path(vllm_ok, monkeypatch, kv_cache_dtyp
     budgets = [0.3, 0.0, 1.0]
     monkeypatch.setenv("THRIFT_VLLM_SELECTION", "quest")
     monkeypatch.setenv("THRIFT_VLLM_IMPL", "torch")
-    ref, _ = _run_impl(ThriftAttentionImpl(Hq, D, D ** -0.5, Hkv, kv_cache_dtype=kv_cache_dtype),
-                       layout, seqs, block_table, ks, vs, cache_r, query, budgets)
+    ref = _run_impl(ThriftAttentionImpl(Hq, D, D ** -0.5, Hkv, kv_cache_dtype=kv_cache_dtype),
+                    layout, seqs, block_table, ks, vs, cache_r, query, budgets)[0]
     monkeypatch.setenv("THRIFT_VLLM_IMPL", "triton")
     impl = ThriftAttentionImpl(Hq, D, D ** -0.5, Hkv, kv_cache_dtype=kv_cache_dtype)
-    got, _ = _run_impl(impl, layout, seqs, block_table, ks, vs, cache_t, query, budgets)
+    got = _run_impl(impl, layout, seqs, block_table, ks, vs, cache_t, query, budgets)[0]
     assert torch.equal(cache_t.view(torch.uint8), cache_r.view(torch.uint8))  # quest: no sums
     tol = 2e-3 if dtype == torch.float16 else 1e-2  # kernel vs fp32 reference (test_paged_kernels)
     for lo, hi in ((0, 70), (70, 90), (90, 91)):

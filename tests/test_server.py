@@ -282,9 +282,24 @@ def test_cli_prepare_selects_backend(monkeypatch):
                                                              "--max-fp16-budget", "0.25"],
                 ["m", "--max-fp16-budget", "2"], ["m", "--kv-layout", "fp8"],
                 ["m", "--kv-layout", "nvfp4", "--kv-cache-dtype", "fp8"],
-                ["m", "--kv-cache-dtype", "fp8"]):
+                ["m", "--kv-cache-dtype", "fp8"], ["m", "--warmup-tokens", "-1"]):
         with pytest.raises(SystemExit):
             cli.prepare(bad)
+
+
+def test_cli_warmup_tokens_policy():
+    """Default: a 32K warm-up where Triton kernels would compile (CUDA, impl auto/triton),
+    none on CPU or with the PyTorch path; an explicit value wins, within max_model_len."""
+    from thrift_vllm.server import cli
+
+    assert cli.warmup_tokens(None, 131072, "cuda", "auto") == cli.WARMUP_DEFAULT_TOKENS == 32768
+    assert cli.warmup_tokens(None, 4096, "cuda", "triton") == 4080  # room for new tokens
+    assert cli.warmup_tokens(None, 131072, "cuda", "torch") == 0
+    assert cli.warmup_tokens(None, 131072, "cpu", "auto") == 0
+    assert cli.warmup_tokens(200, 512, "cpu", "auto") == 200
+    assert cli.warmup_tokens(0, 131072, "cuda", "auto") == 0
+    with pytest.raises(ValueError, match="-3"):
+        cli.warmup_tokens(-3, 512, "cuda", "auto")
 
 
 # --- one real server --------------------------------------------------------------------------
@@ -319,7 +334,7 @@ def server(tmp_path_factory):
     cmd = [sys.executable, "-m", "thrift_vllm.server.cli", "serve", "--host", "127.0.0.1",
            "--port", str(port), "--max-model-len", "512", "--enforce-eager", "--api-key", KEY,
            "--max-fp16-budget", str(CAP), "--fp16-budget", str(DEFAULT), "--max-num-seqs", "16",
-           "--enable-log-requests"]
+           "--enable-log-requests", "--warmup-tokens", "200"]
     # A temporary cwd, so a stale egg-info in the checkout cannot hide the entry points.
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, cwd=tmp, env=env, stdout=out, stderr=subprocess.STDOUT,
@@ -381,6 +396,7 @@ def test_server_health_models_config_startup_line(server):
                  "cap=0.5", "models/thrift-embedded"):
         assert word in line, line
     assert "UNTRAINED" not in line
+    assert "thrift-vllm serve: warm-up: 1 request of 200 tokens" in Path(server.log).read_text()
     cap = next(x for x in Path(server.log).read_text().splitlines() if "KV cache" in x
                and "thrift-vllm serve:" in x)
     assert cfg["kv_capacity_tokens"] > 0 and f"= {cfg['kv_capacity_tokens']} tokens" in cap

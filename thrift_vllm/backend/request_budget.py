@@ -19,7 +19,10 @@ thrift_vllm.backend.request_budget:FP16BudgetLogitsProcessor``) never changes lo
   runner. Requests without the key use the server default (``ThriftBackendConfig.fp16_budget``).
 
 Limits: vLLM's V1 runner refuses custom logits processors together with speculative decoding.
-The V2 route is unit-tested against vLLM 0.32's classes only (V2 needs CUDA Triton).
+The V2 route is unit-tested against vLLM 0.32's classes only (V2 needs CUDA Triton). Runner V2
+adds requests to the sampler, hence to this processor, on the last pipeline stage only, so with
+pipeline parallelism the earlier stages' layers use the server default (tensor parallelism is
+unaffected: every rank of the last stage samples).
 
 Prefix caching: the budget changes the stored K/V of every layer after the first (their inputs
 are earlier layers' attention outputs), so requests with different budgets must not share

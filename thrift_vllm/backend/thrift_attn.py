@@ -92,6 +92,11 @@ class ThriftAttentionMetadataBuilder(AttentionMetadataBuilder[ThriftAttentionMet
         self.config = ThriftBackendConfig.from_vllm_config(vllm_config)
         self.page_size = kv_cache_spec.block_size
         self.per_request = request_budget.is_enabled(vllm_config)
+        pp = getattr(getattr(vllm_config, "parallel_config", None), "pipeline_parallel_size", 1)
+        if self.per_request and pp > 1:
+            logger.warning_once("thrift_vllm: with pipeline parallelism, per-request fp16_budget "
+                                "may reach only the last stage (model runner V2 adds requests "
+                                "to logits processors there); earlier stages use the default")
         self.use_triton = uses_triton(self.config, device)
         self.graph_buffers = None
         if self.use_triton and self.config.cuda_graphs:

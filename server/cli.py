@@ -71,8 +71,11 @@ def _model_given(argv: list[str], args) -> bool:
 
 
 def build_parser():
-    from vllm.entrypoints.launchers.cli_args import make_arg_parser
     from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    from thrift_vllm.backend.compat import openai_server_api
+
+    make_arg_parser = openai_server_api()["make_arg_parser"]
 
     from thrift_vllm.selection import SELECTIONS
 
@@ -285,11 +288,12 @@ async def _run_server(args, info, logger) -> None:
     import signal
 
     from thrift_vllm.server import metrics, middleware
-    from vllm.entrypoints.launchers.api_server.entry import (
-        build_and_serve,
-        build_async_engine_client,
-    )
-    from vllm.entrypoints.launchers.launcher import setup_server
+
+    from thrift_vllm.backend.compat import openai_server_api
+
+    api = openai_server_api()
+    build_and_serve, setup_server = api["build_and_serve"], api["setup_server"]
+    build_async_engine_client = api["build_async_engine_client"]
 
     def _interrupt_init(*_) -> None:  # as vLLM: SIGTERM during start-up ends the start-up
         raise KeyboardInterrupt("terminated")
@@ -335,11 +339,13 @@ def _multiprocess_metrics() -> None:
 def serve(argv: list[str]) -> int:
     _multiprocess_metrics()
     import uvloop
-    from vllm.entrypoints.launchers.cli_args import validate_parsed_serve_args
-    from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
     from vllm.logger import configure_logging_from_args, init_logger
 
-    cli_env_setup()
+    from thrift_vllm.backend.compat import openai_server_api
+
+    api = openai_server_api()
+    validate_parsed_serve_args = api["validate_parsed_serve_args"]
+    api["cli_env_setup"]()
     args, info = prepare(argv)
     from vllm.platforms import current_platform
 

@@ -121,6 +121,19 @@ def test_vllm_plugin_survives_unsupported_vllm(monkeypatch):
     assert any("CUSTOM not registered" in r.getMessage() for r in records)
 
 
+def test_vllm_compat_openai_server_api(vllm_ok):
+    """``thrift-vllm serve`` takes vLLM's server pieces from compat: 0.32 keeps them under
+    ``entrypoints.launchers`` (0.26 under ``entrypoints.openai``; import-checked against the
+    0.26 bundle by hand, notes/vllm026.md)."""
+    from thrift_vllm.backend import compat
+
+    api = compat.openai_server_api()
+    assert sorted(api) == ["build_and_serve", "build_async_engine_client", "cli_env_setup",
+                           "make_arg_parser", "setup_server", "validate_parsed_serve_args"]
+    assert all(callable(f) for f in api.values())
+    assert api["build_and_serve"].__module__ == "vllm.entrypoints.launchers.api_server.entry"
+
+
 def test_vllm_026_spec_hook_sizes_only_our_layers(vllm_ok):
     """vLLM 0.26's page sizing (no customize_spec there): the wrapped
     ``Attention.get_kv_cache_spec`` returns a spec of exactly C bytes per head-token for layers

@@ -156,6 +156,34 @@ def logits_processor_api_v2() -> type | None:
     return LogitsProcessor
 
 
+def openai_server_api() -> dict:
+    """The pieces of vLLM's OpenAI server that ``thrift-vllm serve`` drives, by name:
+    ``make_arg_parser``, ``validate_parsed_serve_args``, ``build_async_engine_client``,
+    ``build_and_serve``, ``setup_server``, ``cli_env_setup`` (same signatures in 0.26 and 0.32;
+    0.32 moved them from ``entrypoints.openai`` to ``entrypoints.launchers``)."""
+    from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
+
+    if LEGACY_026:
+        from vllm.entrypoints.openai.api_server import (
+            build_and_serve,
+            build_async_engine_client,
+            setup_server,
+        )
+        from vllm.entrypoints.openai.cli_args import make_arg_parser, validate_parsed_serve_args
+    else:
+        from vllm.entrypoints.launchers.api_server.entry import (
+            build_and_serve,
+            build_async_engine_client,
+        )
+        from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
+        from vllm.entrypoints.launchers.launcher import setup_server
+    return {"make_arg_parser": make_arg_parser,
+            "validate_parsed_serve_args": validate_parsed_serve_args,
+            "build_async_engine_client": build_async_engine_client,
+            "build_and_serve": build_and_serve, "setup_server": setup_server,
+            "cli_env_setup": cli_env_setup}
+
+
 def replace_spec(spec: AttentionSpec, **changes) -> AttentionSpec:
     """``spec`` with fields changed (vLLM 0.32/0.33 specs are frozen dataclasses; page bytes per
     head per token are the ``state_content_bytes`` field)."""
@@ -205,6 +233,7 @@ __all__ = [
     "install_spec_hook_026",
     "logits_processor_api",
     "logits_processor_api_v2",
+    "openai_server_api",
     "parse_version",
     "register_backend",
     "replace_spec",

@@ -4,7 +4,8 @@
                       [--budget-over-cap clamp|reject] [--kv-layout auto|nvfp4]
                       [--selection block_mean|quest|local]
                       [--host H] [--port P] [--api-key K] [any vLLM serve/engine argument...]
-    thrift-vllm --version | --help | serve --help
+    thrift-vllm eval --model DIR --out DIR [...]   # = python -m thrift_vllm.quality
+    thrift-vllm --version | --help | serve --help | eval --help
 
 ``serve`` is vLLM's OpenAI-compatible server (vLLM's own parser ``make_arg_parser``,
 ``validate_parsed_serve_args`` and ``run_server``) with the ThriftAttention backend always
@@ -51,13 +52,21 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "serve":
         return serve(argv[1:])
+    if argv and argv[0] == "eval":  # the quality harness (issue 5), same as python -m
+        from thrift_vllm.quality.__main__ import main as quality_main
+
+        quality_main(argv[1:])
+        return 0
     top = argparse.ArgumentParser(
         prog="thrift-vllm", description="ThriftAttention for vLLM: an OpenAI-compatible server "
         "whose attention runs mostly in FP4 with a per-request share of FP16 blocks.")
     top.add_argument("--version", action="version", version=_versions())
-    sub = top.add_subparsers(dest="command", metavar="{serve}")
+    sub = top.add_subparsers(dest="command", metavar="{serve,eval}")
     sub.add_parser("serve", help="start the OpenAI-compatible server (see `thrift-vllm serve "
                    "--help`; takes every `vllm serve` argument)", add_help=False)
+    sub.add_parser("eval", help="the quality harness: NLL/byte and retrieval of fp16, fp4 and "
+                   "thrift attention (= python -m thrift_vllm.quality; `thrift-vllm eval "
+                   "--help`)", add_help=False)
     args = top.parse_args(argv)
     if args.command is None:
         top.print_help()

@@ -253,6 +253,12 @@ def test_cli_version_and_help(capsys):
         cli.main(["--version"])
     assert e.value.code == 0 and "thrift-vllm" in capsys.readouterr().out
     assert cli.main([]) == 2 and "serve" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:  # eval = the quality harness's own parser
+        cli.main(["eval", "--help"])
+    assert e.value.code == 0 and "--kv-layouts" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        cli.main(["eval"])  # --model and --out are required
+    assert e.value.code == 2 and "--model" in capsys.readouterr().err
 
 
 @needs_vllm

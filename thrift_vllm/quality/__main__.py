@@ -18,7 +18,7 @@ def _strs(s: str) -> tuple[str, ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m thrift_vllm.quality",
+    p = argparse.ArgumentParser(prog="python -m thrift_vllm.quality (or thrift-vllm eval)",
                                 description="NLL/byte and retrieval accuracy of fp16, fp4 and "
                                             "thrift attention through thrift_vllm.attention, "
                                             "and of the paged KV layouts (two steps)")

@@ -299,6 +299,7 @@ def _run_impl(impl, layout, seqs, block_table, ks, vs, kv_cache, query, budgets)
     """Two steps through the Impl (context, then this step + 2 padding slots); returns
     ``(output, this step's K, this step's V, query_start_loc)``."""
     from thrift_vllm.backend.thrift_attn import ThriftAttentionMetadata
+    from thrift_vllm.ops.paged_attention import DecodeBatch
 
     page, Hkv, D, dtype = layout.page_size, ks[0].shape[0], layout.head_size, layout.dtype
     for i, (sq, skv) in enumerate(seqs):
@@ -322,7 +323,10 @@ def _run_impl(impl, layout, seqs, block_table, ks, vs, kv_cache, query, budgets)
         max_seq_len=max(s for _, s in seqs), query_start_loc=torch.tensor(qsl),
         seq_lens=torch.tensor([s for _, s in seqs], dtype=torch.int32), block_table=block_table,
         slot_mapping=slots, query_start_loc_host=qsl, seq_lens_host=[s for _, s in seqs],
-        fp16_budgets=budgets, num_fp16_blocks=[0] * len(seqs), page_size=page)
+        fp16_budgets=budgets, num_fp16_blocks=[0] * len(seqs), page_size=page,
+        # what the builder makes for the Triton path (the PyTorch path ignores it)
+        decode=DecodeBatch.from_budgets(qsl, [s for _, s in seqs], budgets, block_table,
+                                        layout.unit))
     output = torch.full_like(query, float("nan"))
     impl.forward(None, query, new_k, new_v, kv_cache, md, output)
     return output, new_k, new_v, qsl

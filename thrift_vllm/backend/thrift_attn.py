@@ -80,7 +80,9 @@ class ThriftAttentionMetadata:
     fp16_budgets: list[float]  # per sequence
     num_fp16_blocks: list[int]  # per sequence: blocks per query-block row (budget_to_k)
     page_size: int
-    decode: DecodeBatch | None = None  # Triton path: made by the builder (else by the Impl)
+    # Triton path: the one-token sequences' decode inputs, made once per step by the builder
+    # (None: there are none this step, or the PyTorch path runs).
+    decode: DecodeBatch | None = None
 
 
 class ThriftAttentionMetadataBuilder(AttentionMetadataBuilder[ThriftAttentionMetadata]):
@@ -164,7 +166,6 @@ class ThriftAttentionMetadataBuilder(AttentionMetadataBuilder[ThriftAttentionMet
             page_size=self.page_size,
             decode=self._decode_batch(common, qsl, seq_lens, ks),
         )
-
 
     def _decode_batch(self, common: CommonAttentionMetadata, qsl: list[int],
                       seq_lens: list[int], ks: list[int]) -> DecodeBatch | None:
@@ -371,24 +372,18 @@ class ThriftAttentionImpl(AttentionImpl[ThriftAttentionMetadata]):
             scale=self.scale, output=output)
         return output
 
-
     def _forward_triton(self, layout: KVLayout, query: torch.Tensor, key: torch.Tensor,
                         value: torch.Tensor, kv_cache: torch.Tensor,
                         md: ThriftAttentionMetadata, output: torch.Tensor) -> torch.Tensor:
         """One paged decode launch for the one-token sequences, the gathered prefill path for
         the others (``paged_attention_triton`` skips the one-token ones)."""
-        block_table = md.block_table[:md.num_reqs]
-        dec = md.decode
-        if dec is None:  # metadata not made by our builder (tests)
-            dec = DecodeBatch.from_budgets(md.query_start_loc_host, md.seq_lens_host,
-                                           md.fp16_budgets, block_table, layout.unit)
-        if dec is not None:
-            paged_decode_batch(layout, kv_cache, query, key, value, dec, scale=self.scale,
-                               output=output)
+        if md.decode is not None:
+            paged_decode_batch(layout, kv_cache, query, key, value, md.decode,
+                               scale=self.scale, output=output)
         if md.max_query_len > 1:
             paged_attention_triton(
                 layout, kv_cache, query, key, value, query_start_loc=md.query_start_loc_host,
-                seq_lens=md.seq_lens_host, block_table=block_table,
+                seq_lens=md.seq_lens_host, block_table=md.block_table[:md.num_reqs],
                 fp16_budgets=md.fp16_budgets, scale=self.scale, output=output,
                 skip_single_query=True)
         return output

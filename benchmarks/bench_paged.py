@@ -13,6 +13,9 @@ Sections:
   only the model-dtype k_hi/v_hi pages through the block table: a split-KV GQA fp16 decode).
   Also the decode step's KV write (B tokens). Block tables are shuffled; pages hold random
   finite data (timing does not depend on values).
+* ``probe``: the paged decode kernel alone (selection precomputed) under launch variants
+  (programs per SM via the split target, warps, stages) at 16 x 32K, 64 x 128K and 1 x 128K for
+  both layouts: the data behind ``PAGED_DECODE_LAUNCH``.
 * ``prefill``: one 2K-query chunk at the end of an 8K-128K context (chunked prefill): the
   chunk's KV write and the attention over the pages, the same three layouts.
 
@@ -36,6 +39,7 @@ from bench_operator import bench as cuda_median_ms  # benchmarks/ is sys.path[0]
 from thrift_vllm.kv_layout import KVLayout
 from thrift_vllm.ops.kv_write import write_kv_triton
 from thrift_vllm.ops.paged_attention import (
+    PAGED_DECODE_LAUNCH,
     paged_attention_triton,
     paged_decode_triton,
     paged_select_triton,
@@ -204,6 +208,42 @@ def decode_row(out: str, kvl: str, B: int, ctx: int, a) -> None:
     emit(out, row)
 
 
+PROBE_CASES = ((16, 32768), (64, 131072), (1, 131072))
+PROBE_LAUNCH = [dict(target_programs=t, num_warps=w, num_stages=st)
+                for t in (264, 528, 1056, 2112) for w in (4, 8) for st in (1, 2, 3)]
+
+
+def probe_rows(out: str, kvl: str, B: int, ctx: int, a) -> None:
+    """Decode kernel time (selection precomputed once) per launch variant, one row each."""
+    Hq, Hkv, D, P, U = (32, 8, 128, 64, 64) if DEV == "cuda" else (8, 2, 128, 64, 64)
+    dt = torch.bfloat16
+    lay = KVLayout(kvl, D, P, U, a.fmt, a.selection, dt)
+    g = torch.Generator(device=DEV).manual_seed(B * 7 + ctx)
+    bt, nb = shuffled_table(B, -(-ctx // P), g)
+    cache = lay.allocate(nb, Hkv, device=DEV)
+    fill_random(lay, cache, g)
+    q = torch.randn(B, Hq, D, device=DEV, dtype=dt, generator=g)
+    kn = torch.randn(B, Hkv, D, device=DEV, dtype=dt, generator=g)
+    vn = torch.randn(B, Hkv, D, device=DEV, dtype=dt, generator=g)
+    seq = torch.full((B,), ctx, dtype=torch.int32, device=DEV)
+    k = budget_to_k(a.budget, BlockGrid(1, ctx, U, True))
+    ks = torch.full((B,), k, dtype=torch.int32, device=DEV)
+    kw = dict(block_table=bt, seq_lens=seq, num_fp16_blocks=ks, scale=D**-0.5)
+    sel = paged_select_triton(lay, cache, q, block_table=bt, seq_lens=seq, num_fp16_blocks=ks,
+                              max_num_fp16_blocks=k)
+    ref = paged_decode_triton(lay, cache, q, kn, vn, sel=sel, **kw)
+    for launch in PROBE_LAUNCH if DEV == "cuda" else PROBE_LAUNCH[:2]:
+        row = dict(section="probe", layout=kvl, batch=B, context=ctx, **launch)
+        try:
+            got = paged_decode_triton(lay, cache, q, kn, vn, sel=sel, launch=launch, **kw)
+            row["max_abs_diff"] = float((got.float() - ref.float()).abs().max())
+            row["decode_ms"] = bench(lambda launch=launch: paged_decode_triton(
+                lay, cache, q, kn, vn, sel=sel, launch=launch, **kw))
+        except Exception as e:  # e.g. out of shared memory / registers for a variant
+            row.update(skipped=True, reason=f"{type(e).__name__}: {e}"[:200])
+        emit(out, row)
+
+
 def prefill_row(out: str, kvl: str, ctx: int, chunk: int, a) -> None:
     """One sequence's prefill chunk of ``chunk`` queries at the end of a ``ctx``-token context
     (chunked prefill as vLLM schedules it): the chunk's KV write, then attention over the pages
@@ -236,6 +276,19 @@ def prefill_row(out: str, kvl: str, ctx: int, chunk: int, a) -> None:
     emit(out, row)
 
 
+def best_launch() -> dict | None:
+    """The launch with the smallest geometric-mean decode time over every probed case (only
+    launches measured in all of them)."""
+    prb = [r for r in ROWS if r.get("section") == "probe" and "decode_ms" in r]
+    cases = {(r["layout"], r["batch"], r["context"]) for r in prb}
+    scores = {}
+    for launch in PROBE_LAUNCH:
+        ms = [r["decode_ms"] for r in prb if all(r[x] == v for x, v in launch.items())]
+        if cases and len(ms) == len(cases):
+            scores[tuple(launch.items())] = sum(math.log(m) for m in ms)
+    return dict(min(scores, key=scores.get)) if scores else None
+
+
 def table() -> str:
     dec = [r for r in ROWS if r.get("section") == "decode" and "total_ms" in r]
     lines = ["", "paged decode (ms; total = select + decode + reduce), Hq=32 Hkv=8 D=128 bf16",
@@ -265,6 +318,21 @@ def table() -> str:
                           (chunk, ctx, name)), None)
                 cells.append(f"{r['total_ms']:8.2f} ({r['tflops']:5.0f})" if r else " " * 16)
             lines.append(f"{chunk:>6} {ctx:>7} " + " ".join(cells))
+    prb = [r for r in ROWS if r.get("section") == "probe" and "decode_ms" in r]
+    if prb:
+        lines += ["", "decode launch probe (ms; default = PAGED_DECODE_LAUNCH)",
+                  f"{'layout':>7} {'B':>3} {'ctx':>7} {'default':>8} {'best':>8} best launch"]
+        for kvl, B, ctx in sorted({(r["layout"], r["batch"], r["context"]) for r in prb}):
+            rs = [r for r in prb if (r["layout"], r["batch"], r["context"]) == (kvl, B, ctx)]
+            best = min(rs, key=lambda r: r["decode_ms"])
+            d = next((r["decode_ms"] for r in rs if all(
+                r[x] == v for x, v in PAGED_DECODE_LAUNCH.items())), math.nan)
+            lines.append(f"{kvl:>7} {B:>3} {ctx:>7} {d:8.3f} {best['decode_ms']:8.3f} "
+                         f"t={best['target_programs']} w={best['num_warps']} "
+                         f"s={best['num_stages']}")
+        overall = best_launch()
+        if overall:
+            lines.append(f"best over all probe cases (geometric mean of time): {overall}")
     chk = [r for r in ROWS if r.get("section") == "check"]
     if chk:
         lines.append(f"check: {sum(r['ok'] for r in chk)}/{len(chk)} ok")
@@ -330,6 +398,19 @@ def main() -> int:
                     emit(a.out, dict(section="decode", layout=kvl, batch=B, context=ctx,
                                      skipped=True, reason=f"{type(e).__name__}: {e}"[:300]))
                 torch.cuda.empty_cache()
+    for B, ctx in PROBE_CASES if "probe" in sections else []:
+        for kvl in ("nvfp4", "auto"):
+            if time.time() - T0 > a.budget_s:
+                continue
+            try:
+                probe_rows(a.out, kvl, *((B, ctx) if DEV == "cuda" else (2, 256)), a)
+            except Exception as e:
+                traceback.print_exc()
+                emit(a.out, dict(section="probe", layout=kvl, batch=B, context=ctx,
+                                 skipped=True, reason=f"{type(e).__name__}: {e}"[:300]))
+            torch.cuda.empty_cache()
+    if best_launch():
+        emit(a.out, dict(section="probe_best", best_launch=best_launch()))
     chunk = a.chunk if DEV == "cuda" else 16
     pctx = [int(x) for x in a.prefill_contexts.split(",")] if DEV == "cuda" else [160]
     for ctx in pctx if "prefill" in sections else []:

@@ -202,6 +202,56 @@ def test_decode_matches_reference(ci):
         assert _rel(out[i], ref[i]) < TOL[dt], (i, seq_lens[i], budgets[i], _rel(out[i], ref[i]))
 
 
+def _topk_reference(score: torch.Tensor, k: int, force: bool) -> list[int]:
+    """The selection rule by a stable sort: finite scores only, larger first, ties to the
+    smaller unit; with ``force``, the first and the last unit (when finite) rank first."""
+    n = score.shape[0]
+    ok = torch.isfinite(score)
+    pri = [(0 if force and j in (0, n - 1) else 1, -float(score[j]), j) for j in range(n)
+           if ok[j]]
+    if force and n > 1 and ok[0] and ok[n - 1]:
+        pri = [(p if j != n - 1 else -1, s, j) for p, s, j in pri]  # the recent unit first
+    return sorted(j for _, _, j in sorted(pri)[:k])
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_select_topk_ties_and_non_finite(force):
+    """Top-k from stored summaries with many exact ties, +-0, +-inf and NaN scores, k = 0,
+    k > the finite units, a one-unit sequence: against a sort-based reference of the rule."""
+    D, U, P, Hkv, group = 64, 32, 64, 2, 2
+    lay = KVLayout("nvfp4", D, P, U, "nvfp4", "block_mean", torch.float16)
+    seq_lens, ks = (1, 63, 65, 200, 1000, 1000), (1, 2, 0, 5, 17, 100)
+    g = torch.Generator().manual_seed(11 + force)
+    pages = [-(-s // P) for s in seq_lens]
+    perm = torch.randperm(sum(pages) + 2, generator=g).to(torch.int32)
+    bt = torch.full((len(seq_lens), max(pages)), 0, dtype=torch.int32)
+    at = 0
+    for i, n in enumerate(pages):
+        bt[i, :n] = perm[at:at + n]
+        at += n
+    cache = lay.allocate(sum(pages) + 2, Hkv)
+    mean = lay.views(cache).k_mean  # [nb, Hkv, n_u, D]
+    pool = torch.tensor([-1.0, -0.0, 0.0, 1.0, 2.0, float("inf"), float("-inf"), float("nan")])
+    mean.zero_()
+    mean[..., 0] = pool[torch.randint(0, len(pool), mean.shape[:3], generator=g)]
+    q = torch.zeros(len(seq_lens), Hkv * group, D, dtype=torch.float16)
+    q[..., 0] = 1.0  # score = mean[..., 0] exactly, for every query head of the group
+    got = paged_select_triton(lay, _dev(cache), _dev(q), block_table=_dev(bt),
+                              seq_lens=_dev(torch.tensor(seq_lens, dtype=torch.int32)),
+                              num_fp16_blocks=_dev(torch.tensor(ks, dtype=torch.int32)),
+                              force_sink_recent=force).cpu()
+    nu = P // U
+    for i, (s, k) in enumerate(zip(seq_lens, ks, strict=True)):
+        n = -(-s // U)
+        units = torch.arange(n)
+        for h in range(Hkv):
+            score = mean[bt[i, units // nu].long(), h, units % nu, 0]
+            want = _topk_reference(score, k, force)
+            row = got[i, h]
+            assert row[:len(want)].tolist() == want, (i, h, score, row, want)
+            assert (row[len(want):] == -1).all(), (i, h, row)
+
+
 def test_decode_idle_rows_and_graph_style_launch():
     """seq_len 0 rows (CUDA-graph padding) give zeros and leave the others unchanged; the
     default list width (the table's capacity) gives the same result as a tight one."""
@@ -273,6 +323,7 @@ def test_paged_kernels_compile_for_hopper():
                          capture_output=True, text=True, env=env, timeout=600)
     rows = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
     assert rows and all(r["ok"] for r in rows), res.stdout[-2000:] + res.stderr[-2000:]
-    assert {r["kernel"] for r in rows} >= {"_kv_write_tokens_kernel", "_paged_select_kernel",
-                                           "_paged_decode_kernel", "_paged_reduce_kernel"}
+    assert {r["kernel"] for r in rows} >= {"_kv_write_tokens_kernel", "_paged_score_kernel",
+                                           "_paged_topk_kernel", "_paged_decode_kernel",
+                                           "_paged_reduce_kernel"}
     assert all(r.get("stack", 0) == 0 for r in rows if "decode" not in r["kernel"])

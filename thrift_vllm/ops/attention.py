@@ -28,9 +28,10 @@ PREFILL_LAUNCH = {
 DECODE_TARGET_PROGRAMS = 264
 
 
-def decode_split_plan(batch: int, num_kv_heads: int, num_kv_blocks: int) -> tuple[int, int]:
+def decode_split_plan(batch: int, num_kv_heads: int, num_kv_blocks: int,
+                      target_programs: int = DECODE_TARGET_PROGRAMS) -> tuple[int, int]:
     """(num_splits, tiles_per_split) for the split-KV decode: plain arithmetic, no tensors."""
-    want = max(1, math.ceil(DECODE_TARGET_PROGRAMS / max(1, batch * num_kv_heads)))
+    want = max(1, math.ceil(target_programs / max(1, batch * num_kv_heads)))
     per = max(1, math.ceil(num_kv_blocks / want))
     return math.ceil(num_kv_blocks / per), per
 

@@ -20,7 +20,7 @@ import triton
 
 from thrift_vllm.formats import QuantizedTensor
 from thrift_vllm.kernels.paged_decode import _paged_decode_kernel, _paged_reduce_kernel
-from thrift_vllm.kernels.paged_select import _paged_select_kernel
+from thrift_vllm.kernels.paged_select import _paged_score_kernel, _paged_topk_kernel
 from thrift_vllm.kernels.prefill import _thrift_prefill_kernel
 from thrift_vllm.kv_layout import KVLayout
 from thrift_vllm.ops.attention import LOG2E, PREFILL_LAUNCH, decode_split_plan
@@ -29,7 +29,10 @@ from thrift_vllm.ops.quantize import dequantize_fp4, quantize_fp4, triton_interp
 from thrift_vllm.ops.select import MAX_KV_BLOCKS, select_blocks_triton
 from thrift_vllm.selection import BlockGrid, budget_to_k
 
-_TILE = 4096  # elements of the selection kernel's [BLOCK_D, N_POW2] summary tile
+# Paged decode launch (H200 probe: `bench_paged.py --sections probe`, BENCHMARKS.md): the FP4
+# tiles are ALU-bound, so programs per SM (latency hiding) matter more than for the fp16 path.
+PAGED_DECODE_LAUNCH = {"target_programs": 264, "num_warps": 4, "num_stages": 2}
+_TILE = 4096  # fp32 summary elements per score program: [BLOCK_N, D] (two tiles for quest)
 
 
 def _check_decode(layout: KVLayout, query, key, value, block_table, seq_lens, num_fp16_blocks):
@@ -84,14 +87,25 @@ def paged_select_triton(
         return out
     offs = region_offsets(layout)
     n_pow2 = max(triton.next_power_of_2(n_max), 2)
-    _paged_select_kernel[(B * Hkv,)](
-        query, cache, block_table, seq_lens, num_fp16_blocks, out,
-        query.stride(0), query.stride(1), block_table.stride(0), cache.stride(0),
-        cache.stride(1), out.stride(0), out.stride(1), k_out,
-        Hkv=Hkv, GROUP=Hq // Hkv, U=layout.unit, NU=layout.n_units, D=D,
-        SELECTION=layout.selection, N_POW2=n_pow2, BLOCK_D=min(D, max(_TILE // n_pow2, 1)),
-        FORCE_SINK_RECENT=bool(force_sink_recent), OFF_SUM=offs["OFF_SUM"],
-        OFF_MAX=offs["OFF_MAX"], num_warps=8 if n_pow2 >= 1024 else 4,
+    if layout.selection == "local":  # scores are the unit indices: nothing to read
+        scores = out
+    else:
+        scores = torch.empty(B, Hkv, n_max, dtype=torch.float32, device=query.device)
+        tile = _TILE // (2 if layout.selection == "quest" else 1)
+        block_n = max(16, min(triton.next_power_of_2(n_max), tile // D))
+        _paged_score_kernel[(B * Hkv, triton.cdiv(n_max, block_n))](
+            query, cache, block_table, seq_lens, scores,
+            query.stride(0), query.stride(1), block_table.stride(0), cache.stride(0),
+            cache.stride(1), scores.stride(0), scores.stride(1),
+            Hkv=Hkv, GROUP=Hq // Hkv, U=layout.unit, NU=layout.n_units, D=D,
+            SELECTION=layout.selection, BLOCK_N=block_n, OFF_SUM=offs["OFF_SUM"],
+            OFF_MAX=offs["OFF_MAX"], num_warps=4,
+        )
+    _paged_topk_kernel[(B * Hkv,)](
+        scores, seq_lens, num_fp16_blocks, out, scores.stride(0), scores.stride(1),
+        out.stride(0), out.stride(1), k_out, Hkv=Hkv, U=layout.unit,
+        SELECTION=layout.selection, N_POW2=n_pow2, FORCE_SINK_RECENT=bool(force_sink_recent),
+        num_warps=8 if n_pow2 >= 1024 else 4,
     )
     return out
 
@@ -101,7 +115,7 @@ def paged_decode_triton(
     value: torch.Tensor | None, *, block_table: torch.Tensor, seq_lens: torch.Tensor,
     num_fp16_blocks: torch.Tensor, scale: float, force_sink_recent: bool = False,
     out: torch.Tensor | None = None, max_num_fp16_blocks: int | None = None,
-    sel: torch.Tensor | None = None,
+    sel: torch.Tensor | None = None, launch: dict | None = None,
 ) -> torch.Tensor:
     """Paged ThriftAttention decode, after the step's K/V were written (``write_kv_triton``).
 
@@ -110,9 +124,11 @@ def paged_decode_triton(
     in the auto layout); block_table int32 ``[B, max_pages]``; seq_lens int32 ``[B]`` (context
     including the new token; 0 = idle row, output zeros); num_fp16_blocks int32 ``[B]``: FP16
     units per sequence (``budget_to_k`` of a one-row grid); scale: softmax scale. ``sel``:
-    precomputed :func:`paged_select_triton` output. Returns ``out`` ``[B, Hq, D]``.
+    precomputed :func:`paged_select_triton` output. ``launch``: overrides of
+    ``PAGED_DECODE_LAUNCH`` (tuning probes). Returns ``out`` ``[B, Hq, D]``.
     """
     B, Hq, D = query.shape
+    cfg = {**PAGED_DECODE_LAUNCH, **(launch or {})}
     _check_decode(layout, query, key, value, block_table, seq_lens, num_fp16_blocks)
     Hkv = kv_cache.shape[1]
     if Hq % Hkv:
@@ -132,7 +148,8 @@ def paged_decode_triton(
                                   max_num_fp16_blocks=max_num_fp16_blocks)
     k_sel = sel.shape[-1]
     sel_arg = sel if k_sel else torch.full((1, 1, 1), -1, dtype=torch.int32, device=query.device)
-    splits, per = decode_split_plan(B, Hkv, _max_units(layout, block_table))
+    splits, per = decode_split_plan(B, Hkv, _max_units(layout, block_table),
+                                    cfg["target_programs"])
     acc = torch.empty(B, Hq, splits, D, dtype=torch.float32, device=query.device)
     ml = torch.empty(B, Hq, splits, 2, dtype=torch.float32, device=query.device)
     offs = region_offsets(layout)
@@ -147,7 +164,8 @@ def paged_decode_triton(
         Hkv=Hkv, GROUP=Hq // Hkv, BLOCK_H=max(16, triton.next_power_of_2(Hq // Hkv)),
         U=layout.unit, P=layout.page_size, D=D, G=layout.group, FMT=layout.quant_format,
         AUTO=layout.kv_layout == "auto", K_POW2=triton.next_power_of_2(max(k_sel, 1)),
-        DOT_FP32=triton_interpreted(), num_warps=4, num_stages=2, **offs,
+        DOT_FP32=triton_interpreted(), num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"], **offs,
     )
     _paged_reduce_kernel[(B * Hq,)](
         acc, ml, seq_lens, out, per, *acc.stride()[:3], *ml.stride()[:3], out.stride(0),

@@ -209,8 +209,9 @@ def decode_row(out: str, kvl: str, B: int, ctx: int, a) -> None:
 
 
 PROBE_CASES = ((16, 32768), (64, 131072), (1, 131072))
-PROBE_LAUNCH = [dict(target_programs=t, num_warps=w, num_stages=st)
-                for t in (264, 528, 1056, 2112) for w in (4, 8) for st in (1, 2, 3)]
+PROBE_LAUNCH = [dict(target_programs=t, num_warps=w, num_stages=st, prefetch=pf)
+                for pf in (False, True) for t in (264, 528, 1056, 2112) for w in (4, 8)
+                for st in (1, 2)]
 
 
 def probe_rows(out: str, kvl: str, B: int, ctx: int, a) -> None:
@@ -329,7 +330,7 @@ def table() -> str:
                 r[x] == v for x, v in PAGED_DECODE_LAUNCH.items())), math.nan)
             lines.append(f"{kvl:>7} {B:>3} {ctx:>7} {d:8.3f} {best['decode_ms']:8.3f} "
                          f"t={best['target_programs']} w={best['num_warps']} "
-                         f"s={best['num_stages']}")
+                         f"s={best['num_stages']} prefetch={best['prefetch']}")
         overall = best_launch()
         if overall:
             lines.append(f"best over all probe cases (geometric mean of time): {overall}")

@@ -20,7 +20,7 @@ import triton.language as tl
 from thrift_vllm.kernels.decode import _merge_splits
 from thrift_vllm.kernels.fp4 import _dequant_tile_mma
 from thrift_vllm.kernels.kv_write import _fp4_encode
-from thrift_vllm.kernels.tiles import _dot, _fp4_pv, _fp4_softmax, _load_dequant, _load_dequant_mma
+from thrift_vllm.kernels.tiles import _dot, _fp4_pv, _fp4_softmax, _load_dequant
 
 
 @triton.jit
@@ -31,48 +31,59 @@ def _page(Cache, BT, b, j, kvh, stride_btb, stride_cb, stride_ch, NU: tl.constex
 
 
 @triton.jit
-def _load_v_tokens(vp, vs, n_valid, D: tl.constexpr, U: tl.constexpr, P: tl.constexpr,
-                   G: tl.constexpr, FMT: tl.constexpr, MASKED: tl.constexpr, ASM: tl.constexpr):
-    """Auto layout V tile: bytes [D, U/2] and scales [D, U/G] of rows of stride P/2 and P/G,
-    decoded to the dot type ([D, U]). MASKED: bytes / groups starting at or past ``n_valid``
-    read as zeros (the written tail of the last group already holds zero codes)."""
-    offs_d = tl.arange(0, D)
-    cb = tl.arange(0, U // 2)
-    cs = tl.arange(0, U // G)
-    pb = vp + offs_d[:, None] * (P // 2) + cb[None, :]
-    ps = vs + offs_d[:, None] * (P // G) + cs[None, :]
-    if MASKED:
-        vb = tl.load(pb, mask=(cb * 2 < n_valid)[None, :], other=0)
-        sb = tl.load(ps, mask=(cs * G < n_valid)[None, :], other=0)
+def _paged_fp4_load(
+    page, u0, n_valid, U: tl.constexpr, P: tl.constexpr, D: tl.constexpr, G: tl.constexpr,
+    AUTO: tl.constexpr, MASKED: tl.constexpr,
+    OFF_K4: tl.constexpr, OFF_K4S: tl.constexpr, OFF_V4: tl.constexpr, OFF_V4S: tl.constexpr,
+):
+    """Raw bytes of one FP4 unit (page rows u0..u0+U-1, the first ``n_valid`` of them in the
+    sequence): K codes [U, D/2] + scales [U, D/G]; V codes + scales [D, U/2] + [D, U/G] along
+    tokens (auto layout) or [U, D/2] + [U, D/G] per token (nvfp4 layout). MASKED: bytes and
+    groups starting at or past ``n_valid`` read as zeros. Split from the arithmetic so that the
+    decode loop can issue the next unit's loads before this unit's math (PREFETCH)."""
+    rows = u0 + tl.arange(0, U)
+    rmask = (tl.arange(0, U) < n_valid)[:, None]
+    cb = tl.arange(0, D // 2)
+    cs = tl.arange(0, D // G)
+    pk = page + OFF_K4 + rows[:, None] * (D // 2) + cb[None, :]
+    psk = page + OFF_K4S + rows[:, None] * (D // G) + cs[None, :]
+    if AUTO:
+        offs_d = tl.arange(0, D)
+        tb = tl.arange(0, U // 2)
+        ts = tl.arange(0, U // G)
+        pv = page + OFF_V4 + u0 // 2 + offs_d[:, None] * (P // 2) + tb[None, :]
+        psv = page + OFF_V4S + u0 // G + offs_d[:, None] * (P // G) + ts[None, :]
+        vmask = (tb * 2 < n_valid)[None, :]
+        vsmask = (ts * G < n_valid)[None, :]
     else:
-        vb = tl.load(pb)
-        sb = tl.load(ps)
-    return _dequant_tile_mma(vb, sb, D, U, G, FMT, ASM)
+        pv = page + OFF_V4 + rows[:, None] * (D // 2) + cb[None, :]
+        psv = page + OFF_V4S + rows[:, None] * (D // G) + cs[None, :]
+        vmask = rmask
+        vsmask = rmask
+    if MASKED:
+        return (tl.load(pk, mask=rmask, other=0), tl.load(psk, mask=rmask, other=0),
+                tl.load(pv, mask=vmask, other=0), tl.load(psv, mask=vsmask, other=0))
+    else:
+        return tl.load(pk), tl.load(psk), tl.load(pv), tl.load(psv)
 
 
 @triton.jit
 def _paged_fp4_tile(
-    acc, l_i, m_i, q4, page, u0, start, seq_len, qk_scale, keep,
-    BLOCK_H: tl.constexpr, U: tl.constexpr, P: tl.constexpr, D: tl.constexpr, G: tl.constexpr,
+    acc, l_i, m_i, q4, kb, ks, vb, vs, start, seq_len, qk_scale, keep,
+    BLOCK_H: tl.constexpr, U: tl.constexpr, D: tl.constexpr, G: tl.constexpr,
     FMT: tl.constexpr, AUTO: tl.constexpr, MASKED: tl.constexpr, DOT_FP32: tl.constexpr,
-    OFF_K4: tl.constexpr, OFF_K4S: tl.constexpr, OFF_V4: tl.constexpr, OFF_V4S: tl.constexpr,
 ):
-    """One FP4 unit: page rows u0..u0+U-1 = sequence positions start..start+U-1. ``keep``
-    False makes it a no-op (the unit is computed in FP16)."""
+    """One FP4 unit from its raw bytes (``_paged_fp4_load``) = sequence positions
+    start..start+U-1. ``keep`` False makes it a no-op (the unit is computed in FP16)."""
     offs_n = start + tl.arange(0, U)
-    rows = u0 + tl.arange(0, U)
-    kmask = (offs_n < seq_len)[:, None]
-    k = _load_dequant_mma(page + OFF_K4, page + OFF_K4S, rows, D // 2, D // G, kmask, U, D, G,
-                          FMT, not DOT_FP32)
+    k = _dequant_tile_mma(kb, ks, U, D, G, FMT, not DOT_FP32)
     s = _dot(q4, tl.trans(k), DOT_FP32) * qk_scale
     q_pos = tl.full([BLOCK_H], 0, tl.int32) + seq_len - 1
     p, beta, alpha, m_new = _fp4_softmax(s, m_i, offs_n, q_pos, seq_len, keep, MASKED, False)
     if AUTO:
-        vt = _load_v_tokens(page + OFF_V4 + u0 // 2, page + OFF_V4S + u0 // G, seq_len - start,
-                            D, U, P, G, FMT, MASKED, not DOT_FP32)
+        vt = _dequant_tile_mma(vb, vs, D, U, G, FMT, not DOT_FP32)
     else:
-        vt = tl.trans(_load_dequant_mma(page + OFF_V4, page + OFF_V4S, rows, D // 2, D // G,
-                                        kmask, U, D, G, FMT, not DOT_FP32))
+        vt = tl.trans(_dequant_tile_mma(vb, vs, U, D, G, FMT, not DOT_FP32))
     pv, psum = _fp4_pv(p, vt, m_i, beta, BLOCK_H, U, G, FMT, False, DOT_FP32)
     return acc * alpha[:, None] + pv, l_i * alpha + psum, m_new
 
@@ -121,7 +132,7 @@ def _paged_decode_kernel(
     stride_ab, stride_ah, stride_as, stride_mb, stride_mh, stride_ms,
     Hkv: tl.constexpr, GROUP: tl.constexpr, BLOCK_H: tl.constexpr, U: tl.constexpr,
     P: tl.constexpr, D: tl.constexpr, G: tl.constexpr, FMT: tl.constexpr, AUTO: tl.constexpr,
-    K_POW2: tl.constexpr, DOT_FP32: tl.constexpr,
+    K_POW2: tl.constexpr, DOT_FP32: tl.constexpr, PREFETCH: tl.constexpr,
     OFF_KHI: tl.constexpr, OFF_VHI: tl.constexpr, OFF_K4: tl.constexpr, OFF_K4S: tl.constexpr,
     OFF_V4: tl.constexpr, OFF_V4S: tl.constexpr,
 ):
@@ -129,7 +140,9 @@ def _paged_decode_kernel(
     Cache uint8 base of [nb, Hkv, P, C] (byte strides); BT int32 [B, max_pages]; SeqLens int32
     [B] (0 = idle row); Sel int32 [B, Hkv, K_SEL] ascending units, -1 padded. Acc fp32
     [B, Hq, splits, D], ML fp32 [B, Hq, splits, 2] = (m, l), log2 domain; only splits that
-    start before the sequence's end are written."""
+    start before the sequence's end are written. PREFETCH: load unit j+1's bytes before unit
+    j's arithmetic (the page address is itself a load, which Triton's pipeliner does not
+    overlap)."""
     bkv = tl.program_id(0)
     split = tl.program_id(1)
     b = (bkv // Hkv).to(tl.int64)
@@ -163,20 +176,40 @@ def _paged_decode_kernel(
         j_full = tl.minimum(j_end, seq_len // U)  # the partial last unit needs masks
         ptr = lo
         nxt = tl.load(sel_row + ptr, mask=ptr < hi, other=-1)
-        for j in range(j0, j_full):
-            page = _page(Cache, BT, b, j, kvh, stride_btb, stride_cb, stride_ch, P // U)
-            acc, l_i, m_i = _paged_fp4_tile(
-                acc, l_i, m_i, q4, page, (j % (P // U)) * U, j * U, seq_len, qk_scale, j != nxt,
-                BLOCK_H, U, P, D, G, FMT, AUTO, False, DOT_FP32,
-                OFF_K4, OFF_K4S, OFF_V4, OFF_V4S)
-            ptr += (j == nxt).to(tl.int32)
-            nxt = tl.load(sel_row + ptr, mask=ptr < hi, other=-1)
+        if j0 < j_full:
+            # Loop-carried raw bytes of the unit to compute (without PREFETCH the loads before
+            # the loop are dead and the loop loads unit j itself).
+            page = _page(Cache, BT, b, j0, kvh, stride_btb, stride_cb, stride_ch, P // U)
+            kb, ks, vb, vs = _paged_fp4_load(page, (j0 % (P // U)) * U, U, U, P, D, G, AUTO,
+                                             False, OFF_K4, OFF_K4S, OFF_V4, OFF_V4S)
+            for j in range(j0, j_full):
+                if PREFETCH:  # issue unit j+1's loads (the last is reloaded) before j's math
+                    jn = tl.minimum(j + 1, j_full - 1)
+                    page = _page(Cache, BT, b, jn, kvh, stride_btb, stride_cb, stride_ch,
+                                 P // U)
+                    kb_n, ks_n, vb_n, vs_n = _paged_fp4_load(
+                        page, (jn % (P // U)) * U, U, U, P, D, G, AUTO, False,
+                        OFF_K4, OFF_K4S, OFF_V4, OFF_V4S)
+                else:
+                    page = _page(Cache, BT, b, j, kvh, stride_btb, stride_cb, stride_ch, P // U)
+                    kb, ks, vb, vs = _paged_fp4_load(page, (j % (P // U)) * U, U, U, P, D, G,
+                                                     AUTO, False, OFF_K4, OFF_K4S, OFF_V4,
+                                                     OFF_V4S)
+                    kb_n, ks_n, vb_n, vs_n = kb, ks, vb, vs
+                acc, l_i, m_i = _paged_fp4_tile(
+                    acc, l_i, m_i, q4, kb, ks, vb, vs, j * U, seq_len, qk_scale, j != nxt,
+                    BLOCK_H, U, D, G, FMT, AUTO, False, DOT_FP32)
+                kb, ks, vb, vs = kb_n, ks_n, vb_n, vs_n
+                ptr += (j == nxt).to(tl.int32)
+                nxt = tl.load(sel_row + ptr, mask=ptr < hi, other=-1)
         if j_full < j_end:
             page = _page(Cache, BT, b, j_full, kvh, stride_btb, stride_cb, stride_ch, P // U)
+            kb, ks, vb, vs = _paged_fp4_load(page, (j_full % (P // U)) * U, seq_len - j_full * U,
+                                             U, P, D, G, AUTO, True, OFF_K4, OFF_K4S, OFF_V4,
+                                             OFF_V4S)
             acc, l_i, m_i = _paged_fp4_tile(
-                acc, l_i, m_i, q4, page, (j_full % (P // U)) * U, j_full * U, seq_len, qk_scale,
-                j_full != nxt, BLOCK_H, U, P, D, G, FMT, AUTO, True, DOT_FP32,
-                OFF_K4, OFF_K4S, OFF_V4, OFF_V4S)
+                acc, l_i, m_i, q4, kb, ks, vb, vs, j_full * U, seq_len, qk_scale,
+                j_full != nxt, BLOCK_H, U, D, G, FMT, AUTO, True, DOT_FP32)
 
         kn = tl.load(Kn + b * stride_knb + kvh * stride_knh + offs_d)
         vn = tl.load(Vn + b * stride_vnb + kvh * stride_vnh + offs_d)

@@ -202,6 +202,38 @@ def test_decode_matches_reference(ci):
         assert _rel(out[i], ref[i]) < TOL[dt], (i, seq_lens[i], budgets[i], _rel(out[i], ref[i]))
 
 
+@pytest.mark.parametrize("ci", [0, 3], ids=["auto", "nvfp4"])
+def test_decode_launch_variants(ci):
+    """The tuning knobs change speed, not results: PREFETCH (unit j+1 loaded before j's math)
+    gives the default's output bit for bit; other split counts and warps agree with the
+    reference at the usual tolerance (the split merge reorders the sums)."""
+    kvl, fmt, sel, dt, D, Hkv, group, P, U = DECODE_CASES[ci]
+    lay = KVLayout(kvl, D, P, U, fmt, sel, dt)
+    seq_lens = (1, 63, 65, 200)
+    b = Batch(lay, seq_lens, (1,) * 4, Hkv, group, seed=300 + ci)
+    cache = _dev(b.cache)
+    write_kv_triton(_dev(b.key), _dev(b.value), cache, _dev(b.step_slots), lay)
+    b.cache = cache.cpu()
+    budgets = (0.05, 0.5, 0.0, 0.05)
+    ref = paged_attention(lay, lay.views(b.cache), b.query, b.key, b.value,
+                          query_start_loc=b.qsl, seq_lens=list(seq_lens),
+                          block_table=b.block_table, fp16_budgets=list(budgets), scale=D**-0.5)
+    ks = [budget_to_k(f, BlockGrid(1, s, U, True)) for f, s in zip(budgets, seq_lens,
+                                                                    strict=True)]
+    kw = dict(block_table=_dev(b.block_table),
+              seq_lens=_dev(torch.tensor(seq_lens, dtype=torch.int32)),
+              num_fp16_blocks=_dev(torch.tensor(ks, dtype=torch.int32)), scale=D**-0.5)
+    args = (lay, cache, _dev(b.query), _dev(b.key), _dev(b.value))
+    one = {"target_programs": 1}  # one split per (sequence, KV head): the loop sees every unit
+    base = paged_decode_triton(*args, launch=one, **kw).cpu()
+    pre = paged_decode_triton(*args, launch={**one, "prefetch": True}, **kw).cpu()
+    assert torch.equal(pre, base)
+    for launch in ({}, one, {"target_programs": 4096, "num_warps": 8, "prefetch": True}):
+        out = paged_decode_triton(*args, launch=launch, **kw).cpu()
+        for i in range(len(seq_lens)):
+            assert _rel(out[i], ref[i]) < TOL[dt], (launch, i, _rel(out[i], ref[i]))
+
+
 def _topk_reference(score: torch.Tensor, k: int, force: bool) -> list[int]:
     """The selection rule by a stable sort: finite scores only, larger first, ties to the
     smaller unit; with ``force``, the first and the last unit (when finite) rank first."""

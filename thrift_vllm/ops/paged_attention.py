@@ -31,7 +31,9 @@ from thrift_vllm.selection import BlockGrid, budget_to_k
 
 # Paged decode launch (H200 probe: `bench_paged.py --sections probe`, BENCHMARKS.md): the FP4
 # tiles are ALU-bound, so programs per SM (latency hiding) matter more than for the fp16 path.
-PAGED_DECODE_LAUNCH = {"target_programs": 264, "num_warps": 4, "num_stages": 2}
+# PREFETCH: the FP4 loop loads unit j+1 before unit j's arithmetic (kernels/paged_decode.py).
+PAGED_DECODE_LAUNCH = {"target_programs": 264, "num_warps": 4, "num_stages": 2,
+                       "prefetch": False}
 _TILE = 4096  # fp32 summary elements per score program: [BLOCK_N, D] (two tiles for quest)
 
 
@@ -164,7 +166,8 @@ def paged_decode_triton(
         Hkv=Hkv, GROUP=Hq // Hkv, BLOCK_H=max(16, triton.next_power_of_2(Hq // Hkv)),
         U=layout.unit, P=layout.page_size, D=D, G=layout.group, FMT=layout.quant_format,
         AUTO=layout.kv_layout == "auto", K_POW2=triton.next_power_of_2(max(k_sel, 1)),
-        DOT_FP32=triton_interpreted(), num_warps=cfg["num_warps"],
+        DOT_FP32=triton_interpreted(), PREFETCH=bool(cfg["prefetch"]),
+        num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"], **offs,
     )
     _paged_reduce_kernel[(B * Hq,)](

@@ -209,9 +209,9 @@ def decode_row(out: str, kvl: str, B: int, ctx: int, a) -> None:
 
 
 PROBE_CASES = ((16, 32768), (64, 131072), (1, 131072))
-PROBE_LAUNCH = [dict(target_programs=t, num_warps=w, num_stages=st, prefetch=pf)
-                for pf in (False, True) for t in (264, 528, 1056, 2112) for w in (4, 8)
-                for st in (2,)]  # stages: the loop's loads are indirect (page table) anyway
+PROBE_LAUNCH = [dict(target_programs=t, num_warps=w, num_stages=2, prefetch=pf, maxnreg=r)
+                for pf in (False, True) for r in (None, 168) for t in (264, 528, 1056)
+                for w in (4, 8)]  # stages: the loop's loads are indirect (page table) anyway
 
 
 def probe_rows(out: str, kvl: str, B: int, ctx: int, a) -> None:
@@ -330,7 +330,8 @@ def table() -> str:
                 r[x] == v for x, v in PAGED_DECODE_LAUNCH.items())), math.nan)
             lines.append(f"{kvl:>7} {B:>3} {ctx:>7} {d:8.3f} {best['decode_ms']:8.3f} "
                          f"t={best['target_programs']} w={best['num_warps']} "
-                         f"s={best['num_stages']} prefetch={best['prefetch']}")
+                         f"s={best['num_stages']} prefetch={best['prefetch']} "
+                         f"maxnreg={best['maxnreg']}")
         overall = best_launch()
         if overall:
             lines.append(f"best over all probe cases (geometric mean of time): {overall}")

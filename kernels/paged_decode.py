@@ -20,7 +20,7 @@ import triton.language as tl
 from thrift_vllm.kernels.decode import _merge_splits
 from thrift_vllm.kernels.fp4 import _dequant_tile_mma
 from thrift_vllm.kernels.kv_write import _fp4_encode
-from thrift_vllm.kernels.tiles import _dot, _fp4_pv, _fp4_softmax, _load_dequant
+from thrift_vllm.kernels.tiles import _dot, _fp4_pv, _fp4_softmax, _load_dequant_mma
 
 
 @triton.jit
@@ -107,13 +107,16 @@ def _paged_fp16_tile(
         k = tl.load((page + OFF_KHI).to(dt) + hi, mask=ok[:, None], other=0.0)
         v = tl.load((page + OFF_VHI).to(dt) + hi, mask=ok[:, None], other=0.0)
     else:
+        # Decoded straight to 16-bit (exact: e2m1 x e4m3 needs 6 significant bits, e2m1 x e8m0
+        # is bf16 here), not through fp32: two fp32 [U, D] tiles held the kernel at 255
+        # registers (two CTAs per SM) although this loop runs for ~5 % of the units.
         fresh = (offs_n == seq_len - 1)[:, None]
-        k = _load_dequant(page + OFF_K4, page + OFF_K4S, rows, D // 2, D // G, ok[:, None], U,
-                          D, G, FMT)
-        v = _load_dequant(page + OFF_V4, page + OFF_V4S, rows, D // 2, D // G, ok[:, None], U,
-                          D, G, FMT)
-        k = tl.where(fresh, kn[None, :].to(tl.float32), k).to(q.dtype)
-        v = tl.where(fresh, vn[None, :].to(tl.float32), v).to(q.dtype)
+        k = _load_dequant_mma(page + OFF_K4, page + OFF_K4S, rows, D // 2, D // G, ok[:, None],
+                              U, D, G, FMT, not DOT_FP32).to(q.dtype)
+        v = _load_dequant_mma(page + OFF_V4, page + OFF_V4S, rows, D // 2, D // G, ok[:, None],
+                              U, D, G, FMT, not DOT_FP32).to(q.dtype)
+        k = tl.where(fresh, kn[None, :], k)
+        v = tl.where(fresh, vn[None, :], v)
     s = _dot(q, tl.trans(k), DOT_FP32) * qk_scale
     s = tl.where(ok[None, :], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, axis=1))

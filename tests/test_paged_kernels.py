@@ -228,7 +228,8 @@ def test_decode_launch_variants(ci):
     base = paged_decode_triton(*args, launch=one, **kw).cpu()
     pre = paged_decode_triton(*args, launch={**one, "prefetch": True}, **kw).cpu()
     assert torch.equal(pre, base)
-    for launch in ({}, one, {"target_programs": 4096, "num_warps": 8, "prefetch": True}):
+    for launch in ({}, one, {"target_programs": 4096, "num_warps": 8, "prefetch": True,
+                             "maxnreg": 128}):
         out = paged_decode_triton(*args, launch=launch, **kw).cpu()
         for i in range(len(seq_lens)):
             assert _rel(out[i], ref[i]) < TOL[dt], (launch, i, _rel(out[i], ref[i]))

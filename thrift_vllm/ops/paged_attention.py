@@ -32,8 +32,9 @@ from thrift_vllm.selection import BlockGrid, budget_to_k
 # Paged decode launch (H200 probe: `bench_paged.py --sections probe`, BENCHMARKS.md): the FP4
 # tiles are ALU-bound, so programs per SM (latency hiding) matter more than for the fp16 path.
 # PREFETCH: the FP4 loop loads unit j+1 before unit j's arithmetic (kernels/paged_decode.py).
+# maxnreg: a register cap for ptxas (None: its choice); three CTAs of 4 warps fit an SM at <= 168.
 PAGED_DECODE_LAUNCH = {"target_programs": 264, "num_warps": 4, "num_stages": 2,
-                       "prefetch": False}
+                       "prefetch": False, "maxnreg": None}
 _TILE = 4096  # fp32 summary elements per score program: [BLOCK_N, D] (two tiles for quest)
 
 
@@ -167,8 +168,8 @@ def paged_decode_triton(
         U=layout.unit, P=layout.page_size, D=D, G=layout.group, FMT=layout.quant_format,
         AUTO=layout.kv_layout == "auto", K_POW2=triton.next_power_of_2(max(k_sel, 1)),
         DOT_FP32=triton_interpreted(), PREFETCH=bool(cfg["prefetch"]),
-        num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"], **offs,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        **({"maxnreg": cfg["maxnreg"]} if cfg["maxnreg"] else {}), **offs,
     )
     _paged_reduce_kernel[(B * Hq,)](
         acc, ml, seq_lens, out, per, *acc.stride()[:3], *ml.stride()[:3], out.stride(0),

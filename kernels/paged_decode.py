@@ -126,7 +126,8 @@ def _paged_fp16_tile(
     return acc, l_i * alpha + tl.sum(p, axis=1), m_new
 
 
-@triton.jit
+# Runtime ints that vary with the batch are not specialised (no recompiles as contexts grow).
+@triton.jit(do_not_specialize=["tiles_per_split", "K_SEL"])
 def _paged_decode_kernel(
     Q, Kn, Vn, Cache, BT, SeqLens, Sel, Acc, ML,
     qk_scale, tiles_per_split, K_SEL,
@@ -135,7 +136,7 @@ def _paged_decode_kernel(
     stride_ab, stride_ah, stride_as, stride_mb, stride_mh, stride_ms,
     Hkv: tl.constexpr, GROUP: tl.constexpr, BLOCK_H: tl.constexpr, U: tl.constexpr,
     P: tl.constexpr, D: tl.constexpr, G: tl.constexpr, FMT: tl.constexpr, AUTO: tl.constexpr,
-    K_POW2: tl.constexpr, DOT_FP32: tl.constexpr, PREFETCH: tl.constexpr,
+    DOT_FP32: tl.constexpr, PREFETCH: tl.constexpr,
     OFF_KHI: tl.constexpr, OFF_VHI: tl.constexpr, OFF_K4: tl.constexpr, OFF_K4S: tl.constexpr,
     OFF_V4: tl.constexpr, OFF_V4S: tl.constexpr,
 ):
@@ -165,11 +166,17 @@ def _paged_decode_kernel(
         q4 = _dequant_tile_mma(qp, qsc, BLOCK_H, D, G, FMT, False)  # fp16 / bf16, exact
 
         sel_row = Sel + b * stride_selb + kvh * stride_selh
-        sel = tl.load(sel_row + tl.arange(0, K_POW2), mask=tl.arange(0, K_POW2) < K_SEL,
-                      other=-1)
-        lo = tl.sum(((sel >= 0) & (sel < j0)).to(tl.int32), axis=0)
-        hi = tl.sum(((sel >= 0) & (sel < j1)).to(tl.int32), axis=0)
-        n_sel = tl.sum((sel >= 0).to(tl.int32), axis=0)
+        # Selected units before / inside this split, counted in chunks with a runtime bound:
+        # a constexpr list width would compile one kernel variant per power of two of k.
+        lo = seq_len * 0
+        hi = seq_len * 0
+        n_sel = seq_len * 0
+        for c in range(0, K_SEL, 16):
+            idx = c + tl.arange(0, 16)
+            sel = tl.load(sel_row + idx, mask=idx < K_SEL, other=-1)
+            lo += tl.sum(((sel >= 0) & (sel < j0)).to(tl.int32), axis=0)
+            hi += tl.sum(((sel >= 0) & (sel < j1)).to(tl.int32), axis=0)
+            n_sel += tl.sum((sel >= 0).to(tl.int32), axis=0)
 
         acc = tl.zeros([BLOCK_H, D], dtype=tl.float32)
         l_i = tl.zeros([BLOCK_H], dtype=tl.float32)

@@ -29,12 +29,13 @@ from thrift_vllm.ops.quantize import dequantize_fp4, quantize_fp4, triton_interp
 from thrift_vllm.ops.select import MAX_KV_BLOCKS, select_blocks_triton
 from thrift_vllm.selection import BlockGrid, budget_to_k
 
-# Paged decode launch (H200 probe: `bench_paged.py --sections probe`, BENCHMARKS.md): the FP4
-# tiles are ALU-bound, so programs per SM (latency hiding) matter more than for the fp16 path.
-# PREFETCH: the FP4 loop loads unit j+1 before unit j's arithmetic (kernels/paged_decode.py).
-# maxnreg: a register cap for ptxas (None: its choice); three CTAs of 4 warps fit an SM at <= 168.
-PAGED_DECODE_LAUNCH = {"target_programs": 264, "num_warps": 4, "num_stages": 2,
-                       "prefetch": False, "maxnreg": None}
+# Paged decode launch, from the H200 probe (`bench_paged.py --sections probe`; BENCHMARKS.md,
+# "Paged decode, second pass"). The FP4 tiles are ALU- and latency-bound, so programs per SM
+# matter: ~8 per SM (target_programs) and a 168-register cap (maxnreg: three CTAs of 4 warps
+# per SM) beat 264 / uncapped by 1.15-1.44x on 4 of 6 cases. prefetch (the FP4 loop loads unit
+# j+1 before unit j's math) and 8 warps lost everywhere.
+PAGED_DECODE_LAUNCH = {"target_programs": 1056, "num_warps": 4, "num_stages": 2,
+                       "prefetch": False, "maxnreg": 168}
 _TILE = 4096  # fp32 summary elements per score program: [BLOCK_N, D] (two tiles for quest)
 
 
@@ -166,7 +167,7 @@ def paged_decode_triton(
         sel_arg.stride(0), sel_arg.stride(1), *acc.stride()[:3], *ml.stride()[:3],
         Hkv=Hkv, GROUP=Hq // Hkv, BLOCK_H=max(16, triton.next_power_of_2(Hq // Hkv)),
         U=layout.unit, P=layout.page_size, D=D, G=layout.group, FMT=layout.quant_format,
-        AUTO=layout.kv_layout == "auto", K_POW2=triton.next_power_of_2(max(k_sel, 1)),
+        AUTO=layout.kv_layout == "auto",
         DOT_FP32=triton_interpreted(), PREFETCH=bool(cfg["prefetch"]),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         **({"maxnreg": cfg["maxnreg"]} if cfg["maxnreg"] else {}), **offs,

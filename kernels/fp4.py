@@ -174,7 +174,8 @@ def _load_fp4(p_base, s_base, rows, cols, stride_p, stride_s, G: tl.constexpr,
     return _e2m1_value(code) * _scale_value(sc, FMT)
 
 
-@triton.jit
+# Batch-dependent ints/strides unspecialised: one compiled variant per engine, not per batch.
+@triton.jit(do_not_specialize=["R", "C", "stride_dp", "stride_sp", "stride_fp", "stride_op"])
 def _dequantize_kernel(
     data_ptr, scale_ptr, fac_ptr, out_ptr,
     R, C,
@@ -200,7 +201,8 @@ def _dequantize_kernel(
              mask=mask)
 
 
-@triton.jit
+# Batch-dependent ints/strides unspecialised: one compiled variant per engine, not per batch.
+@triton.jit(do_not_specialize=["R", "C", "stride_xp", "stride_xr", "stride_dp", "stride_sp"])
 def _quantize_kernel(
     x_ptr,
     data_ptr,

@@ -59,7 +59,8 @@ def _store_fp4_rows(page, rows, x, ok, OFF_P: tl.constexpr, OFF_S: tl.constexpr,
     tl.store(base[:, None] + tl.arange(0, D // G)[None, :], stored, mask=ok[:, None])
 
 
-@triton.jit
+# Batch-dependent ints/strides unspecialised: one compiled variant per engine, not per batch.
+@triton.jit(do_not_specialize=["T", "stride_kt", "stride_vt"])
 def _kv_write_tokens_kernel(
     Key, Value, Slots, Cache, T,
     stride_kt, stride_kh, stride_vt, stride_vh, stride_cb, stride_ch,
@@ -159,7 +160,8 @@ def _unit_summaries(page, row, Key, U: tl.constexpr, D: tl.constexpr, G: tl.cons
                  tl.sum(x, axis=0) / count)
 
 
-@triton.jit
+# Batch-dependent ints/strides unspecialised: one compiled variant per engine, not per batch.
+@triton.jit(do_not_specialize=["T"])
 def _kv_write_groups_kernel(
     Key, Slots, Cache, T, stride_cb, stride_ch,
     D: tl.constexpr, G: tl.constexpr, P: tl.constexpr, U: tl.constexpr, FMT: tl.constexpr,

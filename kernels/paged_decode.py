@@ -126,8 +126,9 @@ def _paged_fp16_tile(
     return acc, l_i * alpha + tl.sum(p, axis=1), m_new
 
 
-# Runtime ints that vary with the batch are not specialised (no recompiles as contexts grow).
-@triton.jit(do_not_specialize=["tiles_per_split", "K_SEL"])
+# Batch-dependent ints/strides unspecialised: one compiled variant per engine, not per batch.
+@triton.jit(do_not_specialize=["tiles_per_split", "K_SEL", "stride_selb", "stride_selh",
+                              "stride_mb", "stride_mh"])
 def _paged_decode_kernel(
     Q, Kn, Vn, Cache, BT, SeqLens, Sel, Acc, ML,
     qk_scale, tiles_per_split, K_SEL,
@@ -237,7 +238,8 @@ def _paged_decode_kernel(
         tl.store(ml + 1, l_i, mask=row_ok)
 
 
-@triton.jit
+# Batch-dependent ints/strides unspecialised: one compiled variant per engine, not per batch.
+@triton.jit(do_not_specialize=["tiles_per_split", "stride_mb", "stride_mh"])
 def _paged_reduce_kernel(
     Acc, ML, SeqLens, Out, tiles_per_split,
     stride_ab, stride_ah, stride_as, stride_mb, stride_mh, stride_ms, stride_ob, stride_oh,

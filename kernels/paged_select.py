@@ -60,7 +60,8 @@ def _paged_score_kernel(
         tl.store(Scores + b * stride_sb + kvh * stride_sh + j, score, mask=ok)
 
 
-@triton.jit
+# Batch-dependent ints/strides unspecialised: one compiled variant per engine, not per batch.
+@triton.jit(do_not_specialize=["K_OUT", "stride_ob", "stride_oh"])
 def _paged_topk_kernel(
     Scores, SeqLens, NumK, Out, stride_sb, stride_sh, stride_ob, stride_oh, K_OUT,
     Hkv: tl.constexpr, U: tl.constexpr, SELECTION: tl.constexpr, N_POW2: tl.constexpr,

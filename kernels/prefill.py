@@ -40,7 +40,13 @@ def _prefill_fp4_step(
             CAUSAL, DOT_FP32)
 
 
-@triton.jit
+# Batch-dependent ints/strides unspecialised: one compiled variant per engine, not per batch.
+@triton.jit(do_not_specialize=[
+    "Sq", "Skv", "n_kv_blocks", "first_q_block", "q_offset", "K_SEL", "use_fp4", "stride_qsb",
+    "stride_qsh", "stride_qss", "stride_ksb", "stride_ksh", "stride_kss", "stride_vsb",
+    "stride_vsh", "stride_vsd", "stride_kfb", "stride_kfh", "stride_vfb", "stride_vfh",
+    "stride_selb", "stride_selh", "stride_selr",
+])
 def _thrift_prefill_kernel(
     Q, K, V, Qp, Qs, Kp, Ks, Vp, Vs, K4, KF, V4, VF, Sel, Out,
     Sq, Skv, n_kv_blocks, first_q_block, q_offset, K_SEL, qk_scale, use_fp4,

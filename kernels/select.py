@@ -9,7 +9,8 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
+# Batch-dependent ints/strides unspecialised: one compiled variant per engine, not per batch.
+@triton.jit(do_not_specialize=["S", "stride_kb", "stride_kh", "stride_op"])
 def _block_summary_kernel(
     k_ptr,
     mean_ptr,
@@ -66,7 +67,11 @@ def _block_summary_kernel(
         tl.store(max_ptr + out, tl.where(has_nan, float("nan"), kmax), mask=col_ok)
 
 
-@triton.jit
+# Batch-dependent ints/strides unspecialised: one compiled variant per engine, not per batch.
+@triton.jit(do_not_specialize=[
+    "Sq", "n_kv_blocks", "q_offset", "first_q_block", "K", "stride_qb", "stride_sp",
+    "stride_ob", "stride_oh", "stride_or",
+])
 def _select_blocks_kernel(
     q_ptr,
     mean_ptr,

@@ -154,6 +154,10 @@ def paged_decode_triton(
     sel_arg = sel if k_sel else torch.full((1, 1, 1), -1, dtype=torch.int32, device=query.device)
     splits, per = decode_split_plan(B, Hkv, _max_units(layout, block_table),
                                     cfg["target_programs"])
+    # The reduce's width from batch size 1 (the most splits), so it compiles once per table
+    # width instead of once per power of two of the batch's split count.
+    split_cap = decode_split_plan(1, Hkv, _max_units(layout, block_table),
+                                  cfg["target_programs"])[0]
     acc = torch.empty(B, Hq, splits, D, dtype=torch.float32, device=query.device)
     ml = torch.empty(B, Hq, splits, 2, dtype=torch.float32, device=query.device)
     offs = region_offsets(layout)
@@ -174,7 +178,7 @@ def paged_decode_triton(
     )
     _paged_reduce_kernel[(B * Hq,)](
         acc, ml, seq_lens, out, per, *acc.stride()[:3], *ml.stride()[:3], out.stride(0),
-        out.stride(1), Hq=Hq, U=layout.unit, D=D, SPLIT_POW2=triton.next_power_of_2(splits),
+        out.stride(1), Hq=Hq, U=layout.unit, D=D, SPLIT_POW2=triton.next_power_of_2(split_cap),
     )
     return out
 

@@ -245,7 +245,7 @@ def probe_rows(out: str, kvl: str, B: int, ctx: int, a) -> None:
         emit(out, row)
 
 
-def prefill_row(out: str, kvl: str, ctx: int, chunk: int, a) -> None:
+def prefill_row(out: str, kvl: str, ctx: int, chunk: int, a, bulk_math: str = "bf16") -> None:
     """One sequence's prefill chunk of ``chunk`` queries at the end of a ``ctx``-token context
     (chunked prefill as vLLM schedules it): the chunk's KV write, then attention over the pages
     (``paged_attention_triton``: gathered pages + the prefill kernel). "fp16" = the auto layout
@@ -265,11 +265,11 @@ def prefill_row(out: str, kvl: str, ctx: int, chunk: int, a) -> None:
     slots = (bt[0, pos // P].long() * P + pos % P).contiguous()
     budget = 1.0 if base else a.budget
     row = dict(section="prefill", layout=kvl, context=ctx, chunk=chunk, fmt=a.fmt,
-               selection=a.selection, budget=budget)
+               selection=a.selection, budget=budget, bulk_math=bulk_math)
     row["write_ms"] = bench(lambda: write_kv_triton(kn, vn, cache, slots, lay), reps=5)
     row["attn_ms"] = bench(lambda: paged_attention_triton(
         lay, cache, q, kn, vn, query_start_loc=[0, chunk], seq_lens=[ctx], block_table=bt,
-        fp16_budgets=[budget], scale=D**-0.5), reps=5)
+        fp16_budgets=[budget], scale=D**-0.5, bulk_math=bulk_math), reps=5)
     row["total_ms"] = row["write_ms"] + row["attn_ms"]
     # causal FLOPs of the chunk against its context (for TFLOP/s; the same for every layout)
     row["tflops"] = round(4 * Hq * D * chunk * (ctx - chunk / 2) / (row["attn_ms"] / 1e3) / 1e12,
@@ -310,13 +310,16 @@ def table() -> str:
                      f"{n.get('write_ms', math.nan):6.3f}")
     pre = [r for r in ROWS if r.get("section") == "prefill" and "total_ms" in r]
     if pre:
+        cols = [("fp16", "bf16"), ("auto", "bf16"), ("nvfp4", "bf16"), ("auto", "fp8"),
+                ("nvfp4", "fp8")]
         lines += ["", "paged prefill chunk (ms: KV write + attention; TFLOP/s of the attention)",
-                  f"{'chunk':>6} {'ctx':>7} {'fp16':>16} {'auto':>16} {'nvfp4':>16}"]
+                  f"{'chunk':>6} {'ctx':>7} " + " ".join(f"{n + ' ' + m:>16}" for n, m in cols)]
         for chunk, ctx in sorted({(r["chunk"], r["context"]) for r in pre}):
             cells = []
-            for name in ("fp16", "auto", "nvfp4"):
-                r = next((r for r in pre if (r["chunk"], r["context"], r["layout"]) ==
-                          (chunk, ctx, name)), None)
+            for name, bm in cols:
+                r = next((r for r in pre if (r["chunk"], r["context"], r["layout"],
+                                             r.get("bulk_math", "bf16")) ==
+                          (chunk, ctx, name, bm)), None)
                 cells.append(f"{r['total_ms']:8.2f} ({r['tflops']:5.0f})" if r else " " * 16)
             lines.append(f"{chunk:>6} {ctx:>7} " + " ".join(cells))
     prb = [r for r in ROWS if r.get("section") == "probe" and "decode_ms" in r]
@@ -360,6 +363,8 @@ def main() -> int:
                     help="timing sections after the check: decode, prefill (2K chunk)")
     ap.add_argument("--chunk", type=int, default=2048, help="prefill chunk (queries)")
     ap.add_argument("--prefill-contexts", default="8192,32768,131072")
+    ap.add_argument("--prefill-maths", default="bf16,fp8",
+                    help="bulk_math of the FP4 layouts' prefill rows (fp16 runs bf16 only)")
     ap.add_argument("--dry-run", action="store_true",
                     help="CPU + TRITON_INTERPRET=1 smoke run of the script (tiny shapes only)")
     a = ap.parse_args()
@@ -421,14 +426,15 @@ def main() -> int:
                 emit(a.out, dict(section="prefill", layout=kvl, context=ctx, skipped=True,
                                  reason="wall-clock budget"))
                 continue
-            try:
-                prefill_row(a.out, kvl, ctx, chunk, a)
-            except Exception as e:  # OOM included: the row is skipped, the rest goes on
-                traceback.print_exc()
-                emit(a.out, dict(section="prefill", layout=kvl, context=ctx, skipped=True,
-                                 reason=f"{type(e).__name__}: {e}"[:300]))
-            if DEV == "cuda":
-                torch.cuda.empty_cache()
+            for bm in ["bf16"] if kvl == "fp16" else a.prefill_maths.split(","):
+                try:
+                    prefill_row(a.out, kvl, ctx, chunk, a, bm)
+                except Exception as e:  # OOM included: the row is skipped, the rest goes on
+                    traceback.print_exc()
+                    emit(a.out, dict(section="prefill", layout=kvl, context=ctx, skipped=True,
+                                     bulk_math=bm, reason=f"{type(e).__name__}: {e}"[:300]))
+                if DEV == "cuda":
+                    torch.cuda.empty_cache()
     print(table())
     return 0 if ok else 1
 

@@ -144,6 +144,8 @@ class Bench(EngineTiming):
             cfg = {"impl": a.impl}
             if a.full_decode_graphs:
                 cfg["cuda_graphs"] = True  # FULL graphs of pure-decode steps (opt-in)
+            if a.bulk_math != "bf16":
+                cfg["bulk_math"] = a.bulk_math  # prefill's FP4 blocks on e4m3 operands
             if plan["budget"] is not None:
                 cfg["fp16_budget"] = plan["budget"]
             kw["additional_config"] = {"thrift_vllm": cfg}
@@ -336,6 +338,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--impl", default="triton")
     p.add_argument("--full-decode-graphs", action="store_true",
                    help="thrift backend config cuda_graphs (FULL graphs of pure-decode steps)")
+    p.add_argument("--bulk-math", choices=("bf16", "fp8"), default="bf16",
+                   help="thrift backend config bulk_math (prefill arithmetic of FP4 blocks)")
     p.add_argument("--unit", type=int, default=64, help="thrift selection unit (bytes/token)")
     p.add_argument("--quant-format", default="nvfp4")
     p.add_argument("--selection", default="block_mean")

@@ -2,7 +2,7 @@
 
     thrift-vllm serve [MODEL] [--fp16-budget 0.05] [--max-fp16-budget 0.25]
                       [--budget-over-cap clamp|reject] [--kv-layout auto|nvfp4]
-                      [--selection block_mean|quest|local]
+                      [--selection block_mean|quest|local] [--bulk-math bf16|fp8]
                       [--host H] [--port P] [--api-key K] [any vLLM serve/engine argument...]
     thrift-vllm eval --model DIR --out DIR [...]   # = python -m thrift_vllm.quality
     thrift-vllm --version | --help | serve --help | eval --help
@@ -113,6 +113,9 @@ def build_parser():
     g.add_argument("--selection", choices=tuple(SELECTIONS), default=None,
                    help="block selection of the backend; when unset: additional_config, "
                    "THRIFT_VLLM_SELECTION, else block_mean")
+    g.add_argument("--bulk-math", choices=("bf16", "fp8"), default=None,
+                   help="prefill arithmetic of the FP4 blocks on the Triton path: bf16 (exact "
+                   "FP4 semantics) or fp8 (faster on Hopper, approximate); default bf16")
     g.add_argument("--no-budget-cache-salt", action="store_true",
                    help="do not add a per-budget cache_salt (only safe with prefix caching off)")
     g.add_argument("--warmup-tokens", type=int, default=None,
@@ -213,6 +216,8 @@ def prepare(argv: list[str]):
         thrift["fp16_budget"] = args.fp16_budget
     if args.selection is not None:
         thrift["selection"] = args.selection
+    if args.bulk_math is not None:
+        thrift["bulk_math"] = args.bulk_math
     try:
         backend = ThriftBackendConfig.from_mapping(
             thrift, base=ThriftBackendConfig.from_mapping(_env_values()))
@@ -228,7 +233,7 @@ def prepare(argv: list[str]):
 
     keys = [k for k in (args.api_key or [envs.VLLM_API_KEY]) if k]
     backend_info = {k: getattr(backend, k) for k in ("selection", "quant_format", "block_size",
-                                                     "impl")}
+                                                     "impl", "bulk_math")}
     middleware.configure({
         "budget": budget.as_dict(), "api_keys": keys,
         "cache_salt": not args.no_budget_cache_salt,
@@ -258,7 +263,7 @@ def startup_line(args, info) -> str:
                           if info["placeholder"] else "")
     return (f"thrift-vllm serve: model={model} device={device} backend=ThriftAttention "
             f"(CUSTOM; impl={be.impl}, selection={be.selection}, {be.quant_format}, "
-            f"block {be.block_size}) kv_layout={info['kv_layout']} "
+            f"block {be.block_size}, prefill {be.bulk_math}) kv_layout={info['kv_layout']} "
             f"fp16_budget default={b.default} cap={b.cap} over_cap={b.over_cap}")
 
 

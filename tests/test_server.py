@@ -280,6 +280,8 @@ def test_cli_prepare_selects_backend(monkeypatch):
     assert s["budget"] == {"default": 0.1, "cap": 0.25, "over_cap": "reject"}
     assert s["api_keys"] == ["k"] and not info["placeholder"]
     assert info["kv_layout"] == "auto" and args.kv_cache_dtype in (None, "auto")
+    args, _ = cli.prepare(["m", "--bulk-math", "fp8"])
+    assert args.additional_config["thrift_vllm"]["bulk_math"] == "fp8"
     args, info = cli.prepare(["m", "--kv-layout", "nvfp4"])
     assert args.kv_cache_dtype == "nvfp4" and info["kv_layout"] == "nvfp4"
     args, info = cli.prepare(["m", "--kv-cache-dtype", "nvfp4"])
@@ -288,7 +290,8 @@ def test_cli_prepare_selects_backend(monkeypatch):
                                                              "--max-fp16-budget", "0.25"],
                 ["m", "--max-fp16-budget", "2"], ["m", "--kv-layout", "fp8"],
                 ["m", "--kv-layout", "nvfp4", "--kv-cache-dtype", "fp8"],
-                ["m", "--kv-cache-dtype", "fp8"], ["m", "--warmup-tokens", "-1"]):
+                ["m", "--kv-cache-dtype", "fp8"], ["m", "--warmup-tokens", "-1"],
+                ["m", "--bulk-math", "fp16"]):
         with pytest.raises(SystemExit):
             cli.prepare(bad)
 

@@ -62,6 +62,23 @@ def test_vllm_config_defaults_and_validation():
         ThriftBackendConfig(impl="cuda")
     with pytest.raises(ValueError, match="unknown thrift_vllm setting"):
         ThriftBackendConfig.from_mapping({"budget": 0.1})
+    assert ThriftBackendConfig().bulk_math == "bf16"
+    assert ThriftBackendConfig(bulk_math="fp8").bulk_math == "fp8"
+    with pytest.raises(ValueError, match="bulk_math"):
+        ThriftBackendConfig(bulk_math="fp16")
+    with pytest.raises(ValueError, match="bulk_math 'fp8' runs on the Triton kernels only"):
+        ThriftBackendConfig(bulk_math="fp8", impl="torch")
+
+
+def test_vllm_bulk_math_needs_the_triton_path(vllm_ok):
+    from thrift_vllm.backend.thrift_attn import bulk_math_problem
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    fp8 = ThriftBackendConfig(bulk_math="fp8")  # impl auto
+    assert "needs the Triton path" in bulk_math_problem(fp8, cpu)
+    assert bulk_math_problem(fp8, cuda) is None
+    assert bulk_math_problem(ThriftBackendConfig(bulk_math="fp8", impl="triton"), cpu) is None
+    assert bulk_math_problem(ThriftBackendConfig(), cpu) is None
 
 
 def test_vllm_config_sources_env_then_additional_config(monkeypatch):
@@ -716,6 +733,34 @@ def test_vllm_triton_path_matches_torch_path(vllm_ok, monkeypatch, kv_cache_dtyp
         a, r = got[lo:hi].double(), ref[lo:hi].double()
         assert ((a - r).norm() / r.norm()).item() < tol, (lo, hi)
     assert torch.isnan(got[T:]).all()
+
+
+def test_vllm_fp8_bulk_math_reaches_the_prefill(vllm_ok, monkeypatch):
+    """config bulk_math "fp8" (Triton path, interpreted): the prefill rows of a mixed batch
+    come from the fp8 prefill (different from bf16, within the FP4 error of it), the decode row
+    is unchanged (decode has no fp8 mode). Error bounds: test_paged_kernels."""
+    from thrift_vllm.backend.thrift_attn import ThriftAttentionImpl
+    from thrift_vllm.kv_layout import KVLayout
+
+    page, Hq, Hkv, D, dtype = 128, 4, 2, 64, torch.bfloat16
+    layout = KVLayout("auto", D, page, 64, "nvfp4", "block_mean", dtype)
+    seqs, block_table, ks, vs, cache = _paged_case(layout, Hkv, seed=5)
+    T = sum(sq for sq, _ in seqs)
+    query = torch.randn(T + 2, Hq, D, generator=torch.Generator().manual_seed(6)).to(dtype)
+    budgets = [0.3, 0.0, 0.05]
+    monkeypatch.setenv("THRIFT_VLLM_IMPL", "triton")
+    outs = {}
+    for bm in ("bf16", "fp8"):
+        monkeypatch.setenv("THRIFT_VLLM_BULK_MATH", bm)
+        impl = ThriftAttentionImpl(Hq, D, D ** -0.5, Hkv, kv_cache_dtype="auto")
+        assert impl.config.bulk_math == bm
+        outs[bm] = _run_impl(impl, layout, seqs, block_table, ks, vs, cache.clone(), query,
+                             budgets)[0]
+    for lo, hi in ((0, 70), (70, 90)):
+        a, r = outs["fp8"][lo:hi].double(), outs["bf16"][lo:hi].double()
+        assert not torch.equal(a, r)
+        assert ((a - r).norm() / r.norm()).item() < 0.25, (lo, hi)
+    assert torch.equal(outs["fp8"][90:91], outs["bf16"][90:91])
 
 
 def test_vllm_graph_decode_inputs_are_persistent(vllm_ok, monkeypatch):

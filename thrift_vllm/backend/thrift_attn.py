@@ -100,6 +100,9 @@ class ThriftAttentionMetadataBuilder(AttentionMetadataBuilder[ThriftAttentionMet
                                 "may reach only the last stage (model runner V2 adds requests "
                                 "to logits processors there); earlier stages use the default")
         self.use_triton = uses_triton(self.config, device)
+        problem = bulk_math_problem(self.config, device)
+        if problem:
+            raise ValueError(problem)
         self.graph_buffers = None
         if self.use_triton and self.config.cuda_graphs:
             max_len = vllm_config.model_config.max_model_len
@@ -385,13 +388,22 @@ class ThriftAttentionImpl(AttentionImpl[ThriftAttentionMetadata]):
                 layout, kv_cache, query, key, value, query_start_loc=md.query_start_loc_host,
                 seq_lens=md.seq_lens_host, block_table=md.block_table[:md.num_reqs],
                 fp16_budgets=md.fp16_budgets, scale=self.scale, output=output,
-                skip_single_query=True)
+                skip_single_query=True, bulk_math=self.config.bulk_math)
         return output
 
 
 def uses_triton(config: ThriftBackendConfig, device: torch.device) -> bool:
     """The Triton kernels run for config impl "triton", or "auto" on a CUDA device."""
     return config.impl == "triton" or (config.impl == "auto" and device.type == "cuda")
+
+
+def bulk_math_problem(config: ThriftBackendConfig, device: torch.device) -> str | None:
+    """Why ``config.bulk_math`` cannot run on ``device`` (fp8 exists on the Triton path only),
+    or None; the builder raises it at engine start instead of at the first prefill."""
+    if config.bulk_math != "bf16" and not uses_triton(config, device):
+        return (f"bulk_math {config.bulk_math!r} needs the Triton path (impl 'triton', or "
+                f"'auto' on CUDA); impl {config.impl!r} on {device.type} runs the PyTorch path")
+    return None
 
 
 _engine_config: ThriftBackendConfig | None = None  # this process's engine (set by the Impl)

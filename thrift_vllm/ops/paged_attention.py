@@ -7,7 +7,7 @@
 * :func:`paged_attention_triton`: any batch (prefill, chunked prefill, decode, mixed), with
   ``thrift_vllm.paged.paged_attention``'s arguments: decode rows go to the paged decode kernel
   in one launch; each prefill sequence is gathered into contiguous buffers and run through the
-  contiguous prefill kernel (correct; not tuned).
+  contiguous prefill kernel (``ops.paged_prefill``).
 """
 
 from __future__ import annotations
@@ -18,15 +18,14 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from thrift_vllm.formats import QuantizedTensor
 from thrift_vllm.kernels.paged_decode import _paged_decode_kernel, _paged_reduce_kernel
 from thrift_vllm.kernels.paged_select import _paged_score_kernel, _paged_topk_kernel
-from thrift_vllm.kernels.prefill import _thrift_prefill_kernel
 from thrift_vllm.kv_layout import KVLayout
-from thrift_vllm.ops.attention import LOG2E, PREFILL_LAUNCH, decode_split_plan
+from thrift_vllm.ops.attention import LOG2E, decode_split_plan
 from thrift_vllm.ops.kv_write import cache_bytes, region_offsets
-from thrift_vllm.ops.quantize import dequantize_fp4, quantize_fp4, triton_interpreted
-from thrift_vllm.ops.select import MAX_KV_BLOCKS, select_blocks_triton
+from thrift_vllm.ops.paged_prefill import PAGED_BULK_MATHS, prefill_sequence
+from thrift_vllm.ops.quantize import triton_interpreted
+from thrift_vllm.ops.select import MAX_KV_BLOCKS
 from thrift_vllm.selection import BlockGrid, budget_to_k
 
 # Paged decode launch, from the H200 probe (`bench_paged.py --sections probe`; BENCHMARKS.md,
@@ -183,8 +182,6 @@ def paged_decode_triton(
     return out
 
 
-# --- prefill / chunked prefill: gather, then the contiguous prefill kernel ----------------------
-
 @dataclass
 class DecodeBatch:
     """Inputs of one :func:`paged_decode_triton` launch for a batch's one-token sequences."""
@@ -251,74 +248,12 @@ def paged_decode_batch(layout: KVLayout, kv_cache: torch.Tensor, query: torch.Te
     return output
 
 
-def _rows(t: torch.Tensor, pages: torch.Tensor) -> torch.Tensor:
-    """``t [nb, H, R, X]`` at ``pages`` -> ``[H, n_pages * R, X]``."""
-    g = t[pages].transpose(0, 1)
-    return g.reshape(g.shape[0], -1, g.shape[-1])
-
-
-def _deq(data: torch.Tensor, scales: torch.Tensor, layout: KVLayout) -> torch.Tensor:
-    """Stored FP4 bytes ``[..., R, X/2]`` + scale bytes -> bf16 ``[..., R, X]`` (exact)."""
-    sc = scales.view(torch.float8_e4m3fn) if layout.quant_format == "nvfp4" else scales
-    qt = QuantizedTensor(data.contiguous(), sc.contiguous(), layout.quant_format,
-                         data.dim() - 1, (*data.shape[:-1], data.shape[-1] * 2), torch.bfloat16)
-    return dequantize_fp4(qt)
-
-
-def _prefill_sequence(layout, views, q, key, value, pages, skv, budget, scale,
-                      force_sink_recent) -> torch.Tensor:
-    """One sequence's q ``[1, Hq, sq, D]`` against its pages; returns ``[1, Hq, sq, D]``."""
-    sq, D, U = q.shape[2], layout.head_size, layout.unit
-    s_pad = -(-skv // U) * U
-    k4 = _deq(_rows(views.k4, pages), _rows(views.k4_scales, pages), layout)[:, :skv]
-    if layout.kv_layout == "auto":  # v4 [nb, H, D, P/2]: pages side by side along tokens
-        v4t = _deq(views.v4[pages].permute(1, 2, 0, 3).flatten(-2),
-                   views.v4_scales[pages].permute(1, 2, 0, 3).flatten(-2), layout)
-        k16, v16, k_sel = _rows(views.k_hi, pages)[:, :skv], _rows(views.v_hi, pages)[:, :skv], None
-    else:
-        v4 = _deq(_rows(views.v4, pages), _rows(views.v4_scales, pages), layout)
-        v4t = v4.transpose(1, 2)
-        k_sel = k4
-        k16 = torch.cat([k4[:, :skv - sq].to(q.dtype), key.transpose(0, 1)], 1)
-        v16 = torch.cat([v4[:, :skv - sq].to(q.dtype), value.transpose(0, 1)], 1)
-    v4t = v4t[:, :, :s_pad].clone()
-    v4t[:, :, skv:] = 0  # stale slots of the last unit never enter
-    k16, v16 = k16[None].contiguous(), v16[None].contiguous()
-    k4, v4t = k4[None].contiguous(), v4t[None].contiguous()
-    k_sel = k16 if k_sel is None else k_sel[None]
-    grid = BlockGrid(sq, skv, U, True)
-    if budget_to_k(budget, grid) == 0:
-        sel = torch.empty(1, q.shape[1], grid.num_q_blocks, 0, dtype=torch.int32,
-                          device=q.device)
-    else:
-        sel = select_blocks_triton(q, k_sel, fp16_budget=budget, selection=layout.selection,
-                                   block_size=U, causal=True, force_sink_recent=force_sink_recent)
-    k_n = sel.shape[-1]
-    use_fp4 = int(k_n < budget_to_k(1.0, grid))
-    qq = quantize_fp4(q, layout.quant_format, -1)
-    sel_arg = sel if k_n else torch.full((1, 1, 1, 1), -1, dtype=torch.int32, device=q.device)
-    out = torch.empty_like(q)
-    u8 = qq.scales.view(torch.uint8)
-    z3 = (0, 0, 0)
-    _thrift_prefill_kernel[(grid.num_q_blocks, q.shape[1])](
-        q, k16, v16, qq.data, u8, qq.data, u8, qq.data, u8, k4, k4, v4t, v4t, sel_arg, out,
-        sq, skv, grid.num_kv_blocks, grid.first_q_block, grid.q_offset, k_n, scale * LOG2E,
-        use_fp4, *q.stride()[:3], *k16.stride()[:3], *qq.data.stride()[:3], *u8.stride()[:3],
-        *z3, *z3, *z3, *z3, *k4.stride()[:3], 0, 0, *v4t.stride()[:3], 0, 0,
-        *sel_arg.stride()[:3], *out.stride()[:3],
-        Hq=q.shape[1], GROUP=q.shape[1] // k16.shape[1], BLOCK=U, D=D, G=layout.group,
-        FMT=layout.quant_format, FP4_MATH="bf16", CAUSAL=True, DOT_FP32=triton_interpreted(),
-        **PREFILL_LAUNCH["bf16"],
-    )
-    return out
-
-
 def paged_attention_triton(
     layout: KVLayout, kv_cache: torch.Tensor, query: torch.Tensor, key: torch.Tensor | None,
     value: torch.Tensor | None, *, query_start_loc: Sequence[int], seq_lens: Sequence[int],
     block_table: torch.Tensor, fp16_budgets: Sequence[float], scale: float,
     force_sink_recent: bool = False, output: torch.Tensor | None = None,
-    skip_single_query: bool = False,
+    skip_single_query: bool = False, bulk_math: str = "bf16",
 ) -> torch.Tensor:
     """``thrift_vllm.paged.paged_attention`` on the Triton kernels (same arguments, except the
     cache itself instead of its views): query ``[T, Hq, D]``, key/value ``[T, Hkv, D]`` (the
@@ -328,6 +263,8 @@ def paged_attention_triton(
     gathered and run through the contiguous prefill kernel, one launch set per sequence.
     ``skip_single_query``: leave the one-query sequences to the caller (the vLLM backend runs
     them through :func:`paged_decode_batch` with inputs its builder made once per step).
+    ``bulk_math``: the prefill's FP4 blocks in ``"bf16"`` (exact) or ``"fp8"`` (e4m3 operands,
+    approximate; ``ops.paged_prefill``); decode rows always run the FP4 decode kernel.
     """
     if query.dim() != 3 or query.shape[2] != layout.head_size:
         raise ValueError(f"query must be [T, Hq, {layout.head_size}], got {tuple(query.shape)}")
@@ -336,6 +273,8 @@ def paged_attention_triton(
         raise ValueError(f"{B} sequences need {B + 1} query_start_loc and {B} budgets")
     if layout.kv_layout == "nvfp4" and (key is None or value is None):
         raise ValueError("the nvfp4 layout needs the step's key and value")
+    if bulk_math not in PAGED_BULK_MATHS:
+        raise ValueError(f"bulk_math must be one of {PAGED_BULK_MATHS}, got {bulk_math!r}")
     output = torch.empty_like(query) if output is None else output
     dec = None if skip_single_query else DecodeBatch.from_budgets(
         query_start_loc, seq_lens, fp16_budgets, block_table, layout.unit)
@@ -354,7 +293,7 @@ def paged_attention_triton(
         q = query[q0:q1].transpose(0, 1)[None].contiguous()
         kn = None if key is None else key[q0:q1]
         vn = None if value is None else value[q0:q1]
-        out = _prefill_sequence(layout, views, q, kn, vn, pages, skv, float(fp16_budgets[i]),
-                                scale, force_sink_recent)
+        out = prefill_sequence(layout, views, q, kn, vn, pages, skv, float(fp16_budgets[i]),
+                               scale, force_sink_recent, bulk_math)
         output[q0:q1] = out[0].transpose(0, 1).to(output.dtype)
     return output

@@ -14,7 +14,7 @@ Sections:
   Also the decode step's KV write (B tokens). Block tables are shuffled; pages hold random
   finite data (timing does not depend on values).
 * ``probe``: the paged decode kernel alone (selection precomputed) under launch variants
-  (programs per SM via the split target, warps, stages) at 16 x 32K, 64 x 128K and 1 x 128K for
+  (programs per SM via the split target, register cap) at 16 x 32K, 64 x 128K and 1 x 128K for
   both layouts: the data behind ``PAGED_DECODE_LAUNCH``.
 * ``prefill``: one 2K-query chunk at the end of an 8K-128K context (chunked prefill): the
   chunk's KV write and the attention over the pages, the same three layouts.
@@ -209,9 +209,9 @@ def decode_row(out: str, kvl: str, B: int, ctx: int, a) -> None:
 
 
 PROBE_CASES = ((16, 32768), (64, 131072), (1, 131072))
-PROBE_LAUNCH = [dict(target_programs=t, num_warps=w, num_stages=2, prefetch=pf, maxnreg=r)
-                for pf in (False, True) for r in (None, 168) for t in (264, 528, 1056)
-                for w in (4, 8)]  # stages: the loop's loads are indirect (page table) anyway
+PROBE_LAUNCH = [dict(target_programs=t, num_warps=w, num_stages=2, maxnreg=r)
+                for r in (None, 128, 168) for t in (264, 528, 1056, 2112)
+                for w in (4,)]  # stages: the loop's loads are indirect (page table) anyway
 
 
 def probe_rows(out: str, kvl: str, B: int, ctx: int, a) -> None:
@@ -333,8 +333,7 @@ def table() -> str:
                 r[x] == v for x, v in PAGED_DECODE_LAUNCH.items())), math.nan)
             lines.append(f"{kvl:>7} {B:>3} {ctx:>7} {d:8.3f} {best['decode_ms']:8.3f} "
                          f"t={best['target_programs']} w={best['num_warps']} "
-                         f"s={best['num_stages']} prefetch={best['prefetch']} "
-                         f"maxnreg={best['maxnreg']}")
+                         f"s={best['num_stages']} maxnreg={best['maxnreg']}")
         overall = best_launch()
         if overall:
             lines.append(f"best over all probe cases (geometric mean of time): {overall}")

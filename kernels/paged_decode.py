@@ -39,8 +39,9 @@ def _paged_fp4_load(
     """Raw bytes of one FP4 unit (page rows u0..u0+U-1, the first ``n_valid`` of them in the
     sequence): K codes [U, D/2] + scales [U, D/G]; V codes + scales [D, U/2] + [D, U/G] along
     tokens (auto layout) or [U, D/2] + [U, D/G] per token (nvfp4 layout). MASKED: bytes and
-    groups starting at or past ``n_valid`` read as zeros. Split from the arithmetic so that the
-    decode loop can issue the next unit's loads before this unit's math (PREFETCH)."""
+    groups starting at or past ``n_valid`` read as zeros. (Loading unit j+1 here before unit j's
+    math was measured on the H200, commit 8065f9f: slower everywhere, the extra live registers
+    cost more occupancy than the latency it hid.)"""
     rows = u0 + tl.arange(0, U)
     rmask = (tl.arange(0, U) < n_valid)[:, None]
     cb = tl.arange(0, D // 2)
@@ -137,7 +138,7 @@ def _paged_decode_kernel(
     stride_ab, stride_ah, stride_as, stride_mb, stride_mh, stride_ms,
     Hkv: tl.constexpr, GROUP: tl.constexpr, BLOCK_H: tl.constexpr, U: tl.constexpr,
     P: tl.constexpr, D: tl.constexpr, G: tl.constexpr, FMT: tl.constexpr, AUTO: tl.constexpr,
-    DOT_FP32: tl.constexpr, PREFETCH: tl.constexpr,
+    DOT_FP32: tl.constexpr,
     OFF_KHI: tl.constexpr, OFF_VHI: tl.constexpr, OFF_K4: tl.constexpr, OFF_K4S: tl.constexpr,
     OFF_V4: tl.constexpr, OFF_V4S: tl.constexpr,
 ):
@@ -145,9 +146,7 @@ def _paged_decode_kernel(
     Cache uint8 base of [nb, Hkv, P, C] (byte strides); BT int32 [B, max_pages]; SeqLens int32
     [B] (0 = idle row); Sel int32 [B, Hkv, K_SEL] ascending units, -1 padded. Acc fp32
     [B, Hq, splits, D], ML fp32 [B, Hq, splits, 2] = (m, l), log2 domain; only splits that
-    start before the sequence's end are written. PREFETCH: load unit j+1's bytes before unit
-    j's arithmetic (the page address is itself a load, which Triton's pipeliner does not
-    overlap)."""
+    start before the sequence's end are written."""
     bkv = tl.program_id(0)
     split = tl.program_id(1)
     b = (bkv // Hkv).to(tl.int64)
@@ -187,32 +186,15 @@ def _paged_decode_kernel(
         j_full = tl.minimum(j_end, seq_len // U)  # the partial last unit needs masks
         ptr = lo
         nxt = tl.load(sel_row + ptr, mask=ptr < hi, other=-1)
-        if j0 < j_full:
-            # Loop-carried raw bytes of the unit to compute (without PREFETCH the loads before
-            # the loop are dead and the loop loads unit j itself).
-            page = _page(Cache, BT, b, j0, kvh, stride_btb, stride_cb, stride_ch, P // U)
-            kb, ks, vb, vs = _paged_fp4_load(page, (j0 % (P // U)) * U, U, U, P, D, G, AUTO,
-                                             False, OFF_K4, OFF_K4S, OFF_V4, OFF_V4S)
-            for j in range(j0, j_full):
-                if PREFETCH:  # issue unit j+1's loads (the last is reloaded) before j's math
-                    jn = tl.minimum(j + 1, j_full - 1)
-                    page = _page(Cache, BT, b, jn, kvh, stride_btb, stride_cb, stride_ch,
-                                 P // U)
-                    kb_n, ks_n, vb_n, vs_n = _paged_fp4_load(
-                        page, (jn % (P // U)) * U, U, U, P, D, G, AUTO, False,
-                        OFF_K4, OFF_K4S, OFF_V4, OFF_V4S)
-                else:
-                    page = _page(Cache, BT, b, j, kvh, stride_btb, stride_cb, stride_ch, P // U)
-                    kb, ks, vb, vs = _paged_fp4_load(page, (j % (P // U)) * U, U, U, P, D, G,
-                                                     AUTO, False, OFF_K4, OFF_K4S, OFF_V4,
-                                                     OFF_V4S)
-                    kb_n, ks_n, vb_n, vs_n = kb, ks, vb, vs
-                acc, l_i, m_i = _paged_fp4_tile(
-                    acc, l_i, m_i, q4, kb, ks, vb, vs, j * U, seq_len, qk_scale, j != nxt,
-                    BLOCK_H, U, D, G, FMT, AUTO, False, DOT_FP32)
-                kb, ks, vb, vs = kb_n, ks_n, vb_n, vs_n
-                ptr += (j == nxt).to(tl.int32)
-                nxt = tl.load(sel_row + ptr, mask=ptr < hi, other=-1)
+        for j in range(j0, j_full):
+            page = _page(Cache, BT, b, j, kvh, stride_btb, stride_cb, stride_ch, P // U)
+            kb, ks, vb, vs = _paged_fp4_load(page, (j % (P // U)) * U, U, U, P, D, G, AUTO, False,
+                                             OFF_K4, OFF_K4S, OFF_V4, OFF_V4S)
+            acc, l_i, m_i = _paged_fp4_tile(
+                acc, l_i, m_i, q4, kb, ks, vb, vs, j * U, seq_len, qk_scale, j != nxt,
+                BLOCK_H, U, D, G, FMT, AUTO, False, DOT_FP32)
+            ptr += (j == nxt).to(tl.int32)
+            nxt = tl.load(sel_row + ptr, mask=ptr < hi, other=-1)
         if j_full < j_end:
             page = _page(Cache, BT, b, j_full, kvh, stride_btb, stride_cb, stride_ch, P // U)
             kb, ks, vb, vs = _paged_fp4_load(page, (j_full % (P // U)) * U, seq_len - j_full * U,

@@ -212,9 +212,8 @@ def test_decode_matches_reference(ci):
 
 @pytest.mark.parametrize("ci", [0, 3], ids=["auto", "nvfp4"])
 def test_decode_launch_variants(ci):
-    """The tuning knobs change speed, not results: PREFETCH (unit j+1 loaded before j's math)
-    gives the default's output bit for bit; other split counts and warps agree with the
-    reference at the usual tolerance (the split merge reorders the sums)."""
+    """The tuning knobs change speed, not results: split counts, warps and a register cap
+    agree with the reference at the usual tolerance (the split merge reorders the sums)."""
     kvl, fmt, sel, dt, D, Hkv, group, P, U = DECODE_CASES[ci]
     lay = KVLayout(kvl, D, P, U, fmt, sel, dt)
     seq_lens = (1, 63, 65, 200)
@@ -233,11 +232,7 @@ def test_decode_launch_variants(ci):
               num_fp16_blocks=_dev(torch.tensor(ks, dtype=torch.int32)), scale=D**-0.5)
     args = (lay, cache, _dev(b.query), _dev(b.key), _dev(b.value))
     one = {"target_programs": 1}  # one split per (sequence, KV head): the loop sees every unit
-    base = paged_decode_triton(*args, launch=one, **kw).cpu()
-    pre = paged_decode_triton(*args, launch={**one, "prefetch": True}, **kw).cpu()
-    assert torch.equal(pre, base)
-    for launch in ({}, one, {"target_programs": 4096, "num_warps": 8, "prefetch": True,
-                             "maxnreg": 128}):
+    for launch in ({}, one, {"target_programs": 4096, "num_warps": 8, "maxnreg": 128}):
         out = paged_decode_triton(*args, launch=launch, **kw).cpu()
         for i in range(len(seq_lens)):
             assert _rel(out[i], ref[i]) < TOL[dt], (launch, i, _rel(out[i], ref[i]))

@@ -31,10 +31,8 @@ from thrift_vllm.selection import BlockGrid, budget_to_k
 # Paged decode launch, from the H200 probe (`bench_paged.py --sections probe`; BENCHMARKS.md,
 # "Paged decode, second pass"). The FP4 tiles are ALU- and latency-bound, so programs per SM
 # matter: ~8 per SM (target_programs) and a 168-register cap (maxnreg: three CTAs of 4 warps
-# per SM) beat 264 / uncapped by 1.15-1.44x on 4 of 6 cases. prefetch (the FP4 loop loads unit
-# j+1 before unit j's math) and 8 warps lost everywhere.
-PAGED_DECODE_LAUNCH = {"target_programs": 1056, "num_warps": 4, "num_stages": 2,
-                       "prefetch": False, "maxnreg": 168}
+# per SM) beat 264 / uncapped by 1.15-1.44x on 4 of 6 cases; 8 warps lost everywhere.
+PAGED_DECODE_LAUNCH = {"target_programs": 1056, "num_warps": 4, "num_stages": 2, "maxnreg": 168}
 _TILE = 4096  # fp32 summary elements per score program: [BLOCK_N, D] (two tiles for quest)
 
 
@@ -171,8 +169,7 @@ def paged_decode_triton(
         Hkv=Hkv, GROUP=Hq // Hkv, BLOCK_H=max(16, triton.next_power_of_2(Hq // Hkv)),
         U=layout.unit, P=layout.page_size, D=D, G=layout.group, FMT=layout.quant_format,
         AUTO=layout.kv_layout == "auto",
-        DOT_FP32=triton_interpreted(), PREFETCH=bool(cfg["prefetch"]),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        DOT_FP32=triton_interpreted(), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         **({"maxnreg": cfg["maxnreg"]} if cfg["maxnreg"] else {}), **offs,
     )
     _paged_reduce_kernel[(B * Hq,)](

@@ -70,15 +70,14 @@ def test_vllm_config_defaults_and_validation():
         ThriftBackendConfig(bulk_math="fp8", impl="torch")
 
 
-def test_vllm_bulk_math_needs_the_triton_path(vllm_ok):
-    from thrift_vllm.backend.thrift_attn import bulk_math_problem
-
-    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+def test_vllm_bulk_math_needs_the_triton_path():
     fp8 = ThriftBackendConfig(bulk_math="fp8")  # impl auto
-    assert "needs the Triton path" in bulk_math_problem(fp8, cpu)
-    assert bulk_math_problem(fp8, cuda) is None
-    assert bulk_math_problem(ThriftBackendConfig(bulk_math="fp8", impl="triton"), cpu) is None
-    assert bulk_math_problem(ThriftBackendConfig(), cpu) is None
+    assert "needs the Triton path" in fp8.bulk_math_problem("cpu")
+    assert fp8.bulk_math_problem("cuda") is None
+    assert ThriftBackendConfig(bulk_math="fp8", impl="triton").bulk_math_problem("cpu") is None
+    assert ThriftBackendConfig().bulk_math_problem("cpu") is None
+    assert ThriftBackendConfig(impl="auto").uses_triton("cuda")
+    assert not ThriftBackendConfig(impl="auto").uses_triton("cpu")
 
 
 def test_vllm_config_sources_env_then_additional_config(monkeypatch):

@@ -84,6 +84,19 @@ class ThriftBackendConfig:
         if not isinstance(self.cuda_graphs, bool):
             raise ValueError(f"cuda_graphs must be true or false, got {self.cuda_graphs!r}")
 
+    def uses_triton(self, device_type: str) -> bool:
+        """The Triton kernels run for impl "triton", or "auto" on a CUDA device."""
+        return self.impl == "triton" or (self.impl == "auto" and device_type == "cuda")
+
+    def bulk_math_problem(self, device_type: str) -> str | None:
+        """Why ``bulk_math`` cannot run on ``device_type`` (fp8 exists on the Triton path
+        only), or None; the metadata builder raises it at engine start, not at the first
+        prefill."""
+        if self.bulk_math != "bf16" and not self.uses_triton(device_type):
+            return (f"bulk_math {self.bulk_math!r} needs the Triton path (impl 'triton', or "
+                    f"'auto' on CUDA); impl {self.impl!r} on {device_type} runs the PyTorch path")
+        return None
+
     @classmethod
     def field_names(cls) -> tuple[str, ...]:
         return tuple(f.name for f in dataclasses.fields(cls))

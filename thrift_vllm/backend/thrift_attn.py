@@ -99,8 +99,8 @@ class ThriftAttentionMetadataBuilder(AttentionMetadataBuilder[ThriftAttentionMet
             logger.warning_once("thrift_vllm: with pipeline parallelism, per-request fp16_budget "
                                 "may reach only the last stage (model runner V2 adds requests "
                                 "to logits processors there); earlier stages use the default")
-        self.use_triton = uses_triton(self.config, device)
-        problem = bulk_math_problem(self.config, device)
+        self.use_triton = self.config.uses_triton(device.type)
+        problem = self.config.bulk_math_problem(device.type)
         if problem:
             raise ValueError(problem)
         self.graph_buffers = None
@@ -333,7 +333,7 @@ class ThriftAttentionImpl(AttentionImpl[ThriftAttentionMetadata]):
                                    self.config, dtype)
 
     def _use_triton(self, t: torch.Tensor) -> bool:
-        return uses_triton(self.config, t.device)
+        return self.config.uses_triton(t.device.type)
 
     def do_kv_cache_update(self, layer: torch.nn.Module, key: torch.Tensor, value: torch.Tensor,
                            kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
@@ -390,20 +390,6 @@ class ThriftAttentionImpl(AttentionImpl[ThriftAttentionMetadata]):
                 fp16_budgets=md.fp16_budgets, scale=self.scale, output=output,
                 skip_single_query=True, bulk_math=self.config.bulk_math)
         return output
-
-
-def uses_triton(config: ThriftBackendConfig, device: torch.device) -> bool:
-    """The Triton kernels run for config impl "triton", or "auto" on a CUDA device."""
-    return config.impl == "triton" or (config.impl == "auto" and device.type == "cuda")
-
-
-def bulk_math_problem(config: ThriftBackendConfig, device: torch.device) -> str | None:
-    """Why ``config.bulk_math`` cannot run on ``device`` (fp8 exists on the Triton path only),
-    or None; the builder raises it at engine start instead of at the first prefill."""
-    if config.bulk_math != "bf16" and not uses_triton(config, device):
-        return (f"bulk_math {config.bulk_math!r} needs the Triton path (impl 'triton', or "
-                f"'auto' on CUDA); impl {config.impl!r} on {device.type} runs the PyTorch path")
-    return None
 
 
 _engine_config: ThriftBackendConfig | None = None  # this process's engine (set by the Impl)

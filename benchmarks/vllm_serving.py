@@ -192,11 +192,12 @@ class Bench(EngineTiming):
 
     def warmup(self, llm, budget, cases: list[Case]) -> None:
         """Untimed: three short requests and one as long as the longest case's prompt, 16 new
-        tokens each, so no measured case pays first-call costs. The thrift kernels compile one
-        Triton variant per power-of-two bucket of the context (selection sort width, number of
-        FP16 units); on the H200 (2026-11-30) a decode32k case that met them cold measured
+        tokens each, so no measured case pays first-call costs. The thrift kernels compile on
+        first use, and the prefill selection once per power-of-two bucket of the context (its
+        sort width); on the H200 (2026-11-30) a decode32k case that met them cold measured
         4.7K prefill tok/s against 16.9K once warm. The long request walks chunked prefill
-        through every bucket up to that length and decodes at it."""
+        through every bucket up to that length and decodes at it. (The batch-dependent ints
+        are no longer specialised, 50a9812, so batch shapes add no variants.)"""
         short = min(1024, self.shape["max_positions"] // 2)
         longest = max((c.prompt_len for c in cases if c.kind != "capacity"), default=short)
         longest = min(longest, self.max_model_len(cases) - 32)

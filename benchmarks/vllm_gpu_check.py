@@ -61,6 +61,7 @@ benchmarks/vllm_check_lib.py (comparisons, prompts, the Runner's bookkeeping).
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import tempfile
@@ -323,6 +324,31 @@ class Runner(RunnerBase):
                              kv_cache_dtype="nvfp4", additional_config=self.thrift_config(1.0))
         self.with_engine("nvfp4", kw, body, ["nvfp4_layout_b1_runs"])
 
+    def phase_fp8(self) -> None:
+        """Config bulk_math "fp8" (the prefill's FP4 blocks on e4m3 operands; Triton path):
+        teacher-forced (prefill) logprobs at per-request budgets 0.05 and 0 against FLASH_ATTN.
+        PASS when both are finite and 5 % sits closer than 0 %, i.e. the FP16 blocks still
+        recover quality on top of the fp8 bulk; the distances are reported for the record."""
+        def body(llm) -> None:
+            def run():
+                worst = {}
+                texts = []
+                for b in (0.05, 0.0):
+                    _, text, data = self.compare_tf(teacher_forced(llm, self.tf_seqs, budget=b))
+                    worst[b] = max((c["mean"] for c in data["comparisons"]), default=math.nan)
+                    texts.append(f"budget {b}: {text}")
+                ok = all(math.isfinite(v) for v in worst.values()) and worst[0.05] < worst[0.0]
+                return ok, "; ".join(texts), {"worst_mean": worst}
+
+            self.check("fp8_bulk_b005_closer_than_b0", run)
+
+        cfg = self.thrift_config(0.05)
+        cfg["thrift_vllm"]["bulk_math"] = "fp8"
+        kw = self.llm_kwargs(attention_backend="CUSTOM", enforce_eager=False,
+                             additional_config=cfg, logits_processors=[LP_QUALNAME],
+                             max_num_batched_tokens=128)
+        self.with_engine("fp8", kw, body, ["fp8_bulk_b005_closer_than_b0"])
+
     def run(self) -> int:
         a = self.args
         custom_ok = self.setup()
@@ -332,11 +358,12 @@ class Runner(RunnerBase):
         if not self.ref:
             print("no reference: CUSTOM comparisons are skipped", flush=True)
         phases = [("eager", self.phase_eager), ("graphs", self.phase_graphs),
-                  ("budget", self.phase_budget)]
-        if a.with_nvfp4:
-            phases.append(("nvfp4", self.phase_nvfp4))
+                  ("budget", self.phase_budget), ("nvfp4", self.phase_nvfp4),
+                  ("fp8", self.phase_fp8)]
+        wanted = set(a.phases) | {n for n, on in (("nvfp4", a.with_nvfp4),
+                                                  ("fp8", a.with_fp8)) if on}
         for name, fn in phases:
-            if name not in a.phases:
+            if name not in wanted:
                 continue
             if not custom_ok and not a.force:
                 self.record(f"{name}_engine", False, "skipped: thrift_vllm.backend does not "
@@ -374,7 +401,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--impl", default="triton", help="thrift operator path on CUDA (config impl)")
     p.add_argument("--phases", default="eager,graphs,budget",
                    type=lambda s: [x for x in s.split(",") if x],
-                   help="CUSTOM engines to run after the FLASH_ATTN reference")
+                   help="CUSTOM engines to run after the FLASH_ATTN reference: eager, "
+                        "graphs, budget, nvfp4, fp8")
     p.add_argument("--full-decode-graphs", action="store_true",
                    help="backend config cuda_graphs: FULL CUDA graphs of pure-decode steps "
                         "(UNIFORM_SINGLE_TOKEN_DECODE) instead of piecewise graphs")
@@ -383,6 +411,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "tolerances ('' to skip; the CPU dry run has none)")
     p.add_argument("--with-nvfp4", action="store_true",
                    help="also start a kv_cache_dtype=nvfp4 (FP4-only layout) engine")
+    p.add_argument("--with-fp8", action="store_true",
+                   help="also start a bulk_math=fp8 engine (Triton path: not with --impl torch)")
     p.add_argument("--budget-eager", action="store_true",
                    help="run the budget/preemption engine eagerly (saves ~1 min of compile)")
     p.add_argument("--all-eager", action="store_true",

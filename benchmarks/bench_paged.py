@@ -165,28 +165,37 @@ def fill_random(lay: KVLayout, cache: torch.Tensor, g: torch.Generator) -> None:
         v.k_min.copy_(torch.minimum(v.k_min, v.k_max))
 
 
-def decode_row(out: str, kvl: str, B: int, ctx: int, a) -> None:
+def decode_inputs(kvl: str, B: int, ctx: int, a, full: bool = False):
+    """One decode step's inputs at ``B x ctx`` (Hq 32, Hkv 8, D 128, bf16, page = unit = 64;
+    smaller heads on the CPU dry run): layout, a shuffled-table cache of random pages, q and
+    the step's k/v, and the launch kwargs with k = the budget's units (every unit: ``full``)."""
     Hq, Hkv, D, P, U = (32, 8, 128, 64, 64) if DEV == "cuda" else (8, 2, 128, 64, 64)
     dt = torch.bfloat16
-    base = kvl == "fp16"
-    lay = KVLayout("auto" if base else kvl, D, P, U, a.fmt, a.selection, dt)
+    lay = KVLayout(kvl, D, P, U, a.fmt, a.selection, dt)
     g = torch.Generator(device=DEV).manual_seed(B * 7 + ctx)
-    pages = -(-ctx // P)
-    bt, nb = shuffled_table(B, pages, g)
-    row = dict(section="decode", layout=kvl, batch=B, context=ctx, fmt=a.fmt,
-               selection=a.selection, budget=1.0 if base else a.budget,
-               bytes_per_token_layer=(Hkv * 2 * D * 2) if base else lay.bytes_per_token(Hkv))
+    bt, nb = shuffled_table(B, -(-ctx // P), g)
     cache = lay.allocate(nb, Hkv, device=DEV)
     fill_random(lay, cache, g)
     q = torch.randn(B, Hq, D, device=DEV, dtype=dt, generator=g)
     kn = torch.randn(B, Hkv, D, device=DEV, dtype=dt, generator=g)
     vn = torch.randn(B, Hkv, D, device=DEV, dtype=dt, generator=g)
     seq = torch.full((B,), ctx, dtype=torch.int32, device=DEV)
-    slots = (bt[:, (ctx - 1) // P].long() * P + (ctx - 1) % P).contiguous()
-    n_units = -(-ctx // U)
-    k = n_units if base else budget_to_k(a.budget, BlockGrid(1, ctx, U, True))
+    k = -(-ctx // U) if full else budget_to_k(a.budget, BlockGrid(1, ctx, U, True))
     ks = torch.full((B,), k, dtype=torch.int32, device=DEV)
     kw = dict(block_table=bt, seq_lens=seq, num_fp16_blocks=ks, scale=D**-0.5)
+    return lay, cache, q, kn, vn, k, kw
+
+
+def decode_row(out: str, kvl: str, B: int, ctx: int, a) -> None:
+    base = kvl == "fp16"
+    lay, cache, q, kn, vn, k, kw = decode_inputs("auto" if base else kvl, B, ctx, a, full=base)
+    Hkv, D, P, U = cache.shape[1], lay.head_size, lay.page_size, lay.unit
+    bt, seq, ks = kw["block_table"], kw["seq_lens"], kw["num_fp16_blocks"]
+    n_units = -(-ctx // U)
+    row = dict(section="decode", layout=kvl, batch=B, context=ctx, fmt=a.fmt,
+               selection=a.selection, budget=1.0 if base else a.budget,
+               bytes_per_token_layer=(Hkv * 2 * D * 2) if base else lay.bytes_per_token(Hkv))
+    slots = (bt[:, (ctx - 1) // P].long() * P + (ctx - 1) % P).contiguous()
     if base:  # every unit selected, precomputed: only the fp16 loop runs
         sel = torch.arange(n_units, dtype=torch.int32, device=DEV).expand(B, Hkv, n_units)
         sel = sel.contiguous()
@@ -217,21 +226,9 @@ PROBE_LAUNCH = [dict(target_programs=t, num_warps=4, num_stages=2, maxnreg=r)
 
 def probe_rows(out: str, kvl: str, B: int, ctx: int, a) -> None:
     """Decode kernel time (selection precomputed once) per launch variant, one row each."""
-    Hq, Hkv, D, P, U = (32, 8, 128, 64, 64) if DEV == "cuda" else (8, 2, 128, 64, 64)
-    dt = torch.bfloat16
-    lay = KVLayout(kvl, D, P, U, a.fmt, a.selection, dt)
-    g = torch.Generator(device=DEV).manual_seed(B * 7 + ctx)
-    bt, nb = shuffled_table(B, -(-ctx // P), g)
-    cache = lay.allocate(nb, Hkv, device=DEV)
-    fill_random(lay, cache, g)
-    q = torch.randn(B, Hq, D, device=DEV, dtype=dt, generator=g)
-    kn = torch.randn(B, Hkv, D, device=DEV, dtype=dt, generator=g)
-    vn = torch.randn(B, Hkv, D, device=DEV, dtype=dt, generator=g)
-    seq = torch.full((B,), ctx, dtype=torch.int32, device=DEV)
-    k = budget_to_k(a.budget, BlockGrid(1, ctx, U, True))
-    ks = torch.full((B,), k, dtype=torch.int32, device=DEV)
-    kw = dict(block_table=bt, seq_lens=seq, num_fp16_blocks=ks, scale=D**-0.5)
-    sel = paged_select_triton(lay, cache, q, block_table=bt, seq_lens=seq, num_fp16_blocks=ks,
+    lay, cache, q, kn, vn, k, kw = decode_inputs(kvl, B, ctx, a)
+    sel = paged_select_triton(lay, cache, q, block_table=kw["block_table"],
+                              seq_lens=kw["seq_lens"], num_fp16_blocks=kw["num_fp16_blocks"],
                               max_num_fp16_blocks=k)
     ref = paged_decode_triton(lay, cache, q, kn, vn, sel=sel, **kw)
     for launch in PROBE_LAUNCH if DEV == "cuda" else PROBE_LAUNCH[:2]:

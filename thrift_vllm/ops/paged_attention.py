@@ -149,12 +149,11 @@ def paged_decode_triton(
                                   max_num_fp16_blocks=max_num_fp16_blocks)
     k_sel = sel.shape[-1]
     sel_arg = sel if k_sel else torch.full((1, 1, 1), -1, dtype=torch.int32, device=query.device)
-    splits, per = decode_split_plan(B, Hkv, _max_units(layout, block_table),
-                                    cfg["target_programs"])
+    n_max = _max_units(layout, block_table)
+    splits, per = decode_split_plan(B, Hkv, n_max, cfg["target_programs"])
     # The reduce's width from batch size 1 (the most splits), so it compiles once per table
     # width instead of once per power of two of the batch's split count.
-    split_cap = decode_split_plan(1, Hkv, _max_units(layout, block_table),
-                                  cfg["target_programs"])[0]
+    split_cap = decode_split_plan(1, Hkv, n_max, cfg["target_programs"])[0]
     acc = torch.empty(B, Hq, splits, D, dtype=torch.float32, device=query.device)
     ml = torch.empty(B, Hq, splits, 2, dtype=torch.float32, device=query.device)
     offs = region_offsets(layout)

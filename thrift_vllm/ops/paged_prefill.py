@@ -56,10 +56,9 @@ def prefill_sequence(layout: KVLayout, views, q: torch.Tensor, key: torch.Tensor
     q ``[1, Hq, sq, D]`` (model dtype; the sequence's last ``sq`` positions); key/value
     ``[sq, Hkv, D]``: the step's fresh K/V (read in the nvfp4 layout only); pages int64
     ``[n_pages]`` (block-table row); skv: context length including the chunk; budget: FP16
-    fraction. Returns ``[1, Hq, sq, D]``.
+    fraction; bulk_math: one of ``PAGED_BULK_MATHS`` (checked once per batch by the caller,
+    ``paged_attention_triton``). Returns ``[1, Hq, sq, D]``.
     """
-    if bulk_math not in PAGED_BULK_MATHS:
-        raise ValueError(f"bulk_math must be one of {PAGED_BULK_MATHS}, got {bulk_math!r}")
     sq, D, U = q.shape[2], layout.head_size, layout.unit
     s_pad = -(-skv // U) * U
     k4 = _deq(_rows(views.k4, pages), _rows(views.k4_scales, pages), layout)[:, :skv]

@@ -63,6 +63,10 @@ class Sweep:
             cmd += ["--enforce-eager"]
         if be["thrift"]:
             cfg = {"impl": a.impl}
+            if a.full_decode_graphs:
+                cfg["cuda_graphs"] = True
+            if a.bulk_math != "bf16":
+                cfg["bulk_math"] = a.bulk_math
             if plan["budget"] is not None:
                 cfg["fp16_budget"] = plan["budget"]
             cmd += ["--additional-config", json.dumps({"thrift_vllm": cfg})]

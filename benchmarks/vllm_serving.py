@@ -23,6 +23,11 @@ new), ``fit32k`` (as many 32K requests as the capacity says fit, capped by ``--f
 decode at full occupancy, preemptions counted). ``--quick``: prefill 2 x 8K, decode 8 x 4K x 64,
 ``max_model_len`` 16K.
 
+``--profile-steps N`` (benchmarks/vllm_profile.py): where the GPU time goes. The engine runs
+in-process; the last N decode steps of each decode case (not counted in its throughput) and one
+extra untimed run of each prefill case are profiled, and each row gets kernel milliseconds per
+step by group (thrift selection / decode / prefill / KV write, FlashAttention, GEMM, ...).
+
 One device call is < 10 minutes and an engine start costs 40-90 s (8B dummy, compile + graphs),
 so split the work; ``--time-budget`` (default 560 s) skips engines/cases that would not fit and
 the JSON is rewritten after every case. Sets that fit one call (estimates for the H200):
@@ -77,6 +82,7 @@ from vllm_bench_common import (  # noqa: E402
     free_gpu,
     set_env_defaults,
 )
+from vllm_profile import profile_table, profiled  # noqa: E402
 from vllm_server_sweep import Sweep  # noqa: E402
 from vllm_serving_lib import (  # noqa: E402
     BACKENDS,
@@ -119,7 +125,8 @@ class Bench(EngineTiming):
 
     def add(self, row: dict) -> None:
         self.rows.append(row)
-        shown = {k: v for k, v in row.items() if k not in ("traceback", "engine_kwargs")}
+        shown = {k: v for k, v in row.items()
+                 if k not in ("traceback", "engine_kwargs", "profile")}
         print("ROW " + json.dumps(shown, default=str), flush=True)
         self.dump()
 
@@ -170,12 +177,17 @@ class Bench(EngineTiming):
             llm.generate(prompts, self.sampling(1, budget), use_tqdm=False)
             dt = time.perf_counter() - t
             row.update(prefill_s=dt, prefill_tok_s=n * case.prompt_len / dt)
+            if self.args.profile_steps > 0:  # one more, untimed run under the profiler
+                steps = -(-n * case.prompt_len // self.args.max_num_batched_tokens)
+                with profiled(steps, row):
+                    llm.generate(random_prompts(n, case.prompt_len, seed=7),
+                                 self.sampling(1, budget), use_tqdm=False)
         else:
             sp = self.sampling(case.new_tokens, budget)
             res = None
             if self.args.decode_method == "step":
                 try:
-                    res = self.step_run(llm, prompts, sp)
+                    res = self.step_run(llm, prompts, sp, self.args.profile_steps)
                     row["decode_method"] = "step"
                 except Exception as e:
                     print(f"  step timing failed ({e!r}); falling back to subtract", flush=True)
@@ -268,6 +280,8 @@ class Bench(EngineTiming):
         set_env_defaults()
         if a.budget_mode == "request" and a.runner == "v1":
             os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+        if a.profile_steps > 0:  # the engine core in this process: the profiler sees it
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         work = a.workdir or tempfile.mkdtemp(prefix="vllm_serving_")
         self.meta["plugin"] = ensure_plugin_entry_point(os.path.join(work, "ep"))
         self.model, self.shape = resolve_model(a.model, work)
@@ -296,6 +310,7 @@ class Bench(EngineTiming):
                           "traceback": traceback.format_exc()[-3000:]})
         self.meta["total_s"] = round(time.time() - self.t0, 1)
         self.dump()
+        print(profile_table(self.rows), flush=True)
         print("\n" + make_table(self.rows), flush=True)
         errs = [r for r in self.rows if r.get("error")]
         for r in errs:
@@ -345,6 +360,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quant-format", default="nvfp4")
     p.add_argument("--selection", default="block_mean")
     p.add_argument("--fit-max", type=int, default=128)
+    p.add_argument("--profile-steps", type=int, default=0,
+                   help="kernel profile of the last N decode steps per decode case (left out "
+                        "of its throughput) and of one extra prefill run; engine in-process")
     p.add_argument("--time-budget", type=float, default=560.0)
     p.add_argument("--engine-reserve-s", type=float, default=120.0)
     g = p.add_argument_group("server sweep")

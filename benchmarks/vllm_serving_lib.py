@@ -247,10 +247,15 @@ class EngineTiming:
         return SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True,
                               extra_args=extra)
 
-    def step_run(self, llm, prompts: list[dict], sp) -> dict:
+    def step_run(self, llm, prompts: list[dict], sp, profile_steps: int = 0) -> dict:
         """Timed run through the engine's step loop: prefill = until every request has a token,
-        decode = from then to the last token."""
+        decode = from then to the last token. ``profile_steps`` > 0: the last that many steps
+        run under a kernel profile (``row["profile"]``) and are left out of the decode time."""
+        from vllm_profile import KernelProfile
+
         eng = llm.llm_engine
+        prof, prof_row, steps_left = None, {}, None
+        t_prof = tok_prof = None
         t0 = time.perf_counter()
         ids = []
         for i, p in enumerate(prompts):
@@ -276,15 +281,32 @@ class EngineTiming:
             if t_all_first is None and len(first) >= len(prompts):
                 t_all_first = now
                 tok_all_first = sum(counts.values())
+            if steps_left is not None:
+                steps_left -= 1
+            elif (profile_steps > 0 and t_all_first is not None
+                  and min(counts.values()) >= sp.max_tokens - profile_steps):
+                t_prof, tok_prof = now, sum(counts.values())
+                prof, steps_left = KernelProfile(), profile_steps
+                try:
+                    prof.start()
+                except Exception as e:
+                    prof_row["profile_error"] = f"{type(e).__name__}: {e}"
+                    prof = None
+        if prof is not None:
+            try:
+                prof_row["profile"] = prof.stop(profile_steps - (steps_left or 0))
+            except Exception as e:
+                prof_row["profile_error"] = f"{type(e).__name__}: {e}"
         total = sum(counts.values())
         if t_all_first is None:
             t_all_first = now
-        dec_s = now - t_all_first
+        end, end_tok = (t_prof, tok_prof) if t_prof is not None else (now, total)
+        dec_s = end - t_all_first
         return {"prefill_s": t_all_first - t0, "total_s": now - t0, "decode_s": dec_s,
-                "tokens": total, "decode_tokens": total - tok_all_first,
-                "decode_tok_s": (total - tok_all_first) / dec_s if dec_s > 0 else math.nan,
+                "tokens": total, "decode_tokens": end_tok - tok_all_first,
+                "decode_tok_s": (end_tok - tok_all_first) / dec_s if dec_s > 0 else math.nan,
                 "ttft_mean_s": sum(first.values()) / max(len(first), 1),
-                "ttft_max_s": max(first.values(), default=math.nan)}
+                "ttft_max_s": max(first.values(), default=math.nan), **prof_row}
 
     def subtract_run(self, llm, prompts: list[dict], new_tokens: int, budget) -> dict:
         """serving_smoke.py's way: time 1 token (prefill), then the full run, subtract."""

@@ -229,3 +229,101 @@ def test_scaled_and_merge(serving, tmp_path):
     proc = subprocess.run([sys.executable, str(BENCH / "vllm_serving.py"), "--merge", str(a)],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "FLASH_ATTN" in proc.stdout
+
+
+# --- vllm_serving: kernel profiles (--profile-steps) ------------------------------------------
+def test_profile_groups_and_summary(serving):
+    prof = _load("vllm_profile")
+    assert prof.group_of("_paged_decode_kernel") == "thrift decode"
+    assert prof.group_of("_paged_topk_kernel") == "thrift selection"
+    assert prof.group_of("_kv_write_tokens_kernel") == "thrift KV write / quantise"
+    assert prof.group_of("nvjet_tst_128x256_64x4_2x1_v_bz_coopA_NNT") == "GEMM"
+    assert prof.group_of("void flash::FlashAttnFwdSm90<...>") == "FlashAttention"
+    assert prof.group_of("triton_poi_fused_mul_0").startswith("other")
+    kernels = [("_paged_decode_kernel", 3000.0, 64), ("nvjet_gemm", 1000.0, 448),
+               ("_paged_topk_kernel", 500.0, 64), ("_paged_score_kernel", 500.0, 64)]
+    s = prof.summarize(kernels, steps=2, top=3)
+    assert s["kernel_ms_per_step"] == pytest.approx(2.5)
+    assert [g["group"] for g in s["groups"]] == ["thrift decode", "GEMM", "thrift selection"]
+    sel = s["groups"][2]
+    assert sel["ms_per_step"] == pytest.approx(0.5) and sel["calls_per_step"] == 64
+    assert sum(g["share"] for g in s["groups"]) == pytest.approx(1.0)
+    assert len(s["top"]) == 3 and s["top"][0]["kernel"] == "_paged_decode_kernel"
+    with pytest.raises(ValueError, match="steps must be > 0, got 0"):
+        prof.summarize(kernels, steps=0)
+    table = prof.profile_table([{"backend": "thrift-nvfp4", "budget": 0.05, "case": "decode32k",
+                                 "profile": s}])
+    assert "| thrift decode | 1.500 | 60.0 % | 32 |" in table
+
+
+class _Out:
+    def __init__(self, rid, n):
+        self.request_id = rid
+        self.outputs = [type("C", (), {"token_ids": list(range(n))})()]
+
+
+class _FakeEngine:
+    """Every request gets its first token at step 2, then one token per step."""
+
+    def __init__(self):
+        self.reqs, self.t = {}, 0
+
+    def add_request(self, rid, prompt, sp):
+        self.reqs[rid] = [0, sp.max_tokens]
+
+    def has_unfinished_requests(self):
+        return any(n < m for n, m in self.reqs.values())
+
+    def step(self):
+        self.t += 1
+        outs = []
+        for rid, r in self.reqs.items():
+            if self.t >= 2 and r[0] < r[1]:
+                r[0] += 1
+                outs.append(_Out(rid, r[0]))
+        return outs
+
+
+def test_step_run_profiles_the_last_steps_and_leaves_them_out(serving, monkeypatch):
+    prof = sys.modules.get("vllm_profile") or __import__("vllm_profile")
+    calls = []
+
+    class FakeProfile:
+        def start(self):
+            calls.append(("start", eng.t))
+
+        def stop(self, steps):
+            calls.append(("stop", eng.t, steps))
+            return {"steps": steps}
+
+    monkeypatch.setattr(prof, "KernelProfile", FakeProfile)
+    eng = _FakeEngine()
+    llm = type("L", (), {"llm_engine": eng})()
+    sp = type("SP", (), {"max_tokens": 20})()
+    timing = serving.EngineTiming()
+    timing.seed = 0
+    res = timing.step_run(llm, [{"prompt_token_ids": [1]}] * 3, sp, profile_steps=5)
+    # tokens 1..20 at steps 2..21; profiling starts once every request has 15 tokens (step 16)
+    assert calls == [("start", 16), ("stop", 21, 5)]
+    assert res["profile"] == {"steps": 5}
+    assert res["tokens"] == 60 and res["decode_tokens"] == 3 * (15 - 1)
+    plain = serving.EngineTiming()
+    plain.seed = 0
+    res0 = plain.step_run(type("L", (), {"llm_engine": _FakeEngine()})(),
+                          [{"prompt_token_ids": [1]}] * 3, sp)
+    assert "profile" not in res0 and res0["decode_tokens"] == 3 * 19
+
+
+def test_sweep_server_cmd_passes_thrift_settings(serving):
+    sweep_mod = sys.modules.get("vllm_server_sweep") or __import__("vllm_server_sweep")
+    args = serving.build_parser().parse_args(
+        ["--server-sweep", "--server", "thrift-vllm", "--full-decode-graphs", "--bulk-math",
+         "fp8"])
+    sw = sweep_mod.Sweep(args)
+    sw.model, sw.shape = "/m", {"max_positions": 131072}
+    cmd = sw.server_cmd({"backend": "thrift-nvfp4", "budget": 0.05}, 8000)
+    cfg = json.loads(cmd[cmd.index("--additional-config") + 1])["thrift_vllm"]
+    assert cfg == {"impl": "triton", "cuda_graphs": True, "bulk_math": "fp8", "fp16_budget": 0.05}
+    assert cmd[cmd.index("--kv-cache-dtype") + 1] == "nvfp4"
+    fa = sw.server_cmd({"backend": "FLASH_ATTN", "budget": None}, 8000)
+    assert "--additional-config" not in fa

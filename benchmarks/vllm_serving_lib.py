@@ -235,6 +235,15 @@ def resolve_model(arg: str, work: str) -> tuple[str, dict]:
 # ---------------------------------------------------------------------------------------------
 # Timed engine runs (vLLM imported lazily)
 # ---------------------------------------------------------------------------------------------
+def _stop(prof, steps: int, into: dict) -> None:
+    """Stop a KernelProfile over ``steps`` steps into ``into["profile"]`` (errors recorded)."""
+    if prof is not None:
+        try:
+            into["profile"] = prof.stop(max(steps, 1))
+        except Exception as e:
+            into["profile_error"] = f"{type(e).__name__}: {e}"
+
+
 class EngineTiming:
     """Timed runs of vllm_serving.Bench (``self.seed`` numbers the step-loop requests)."""
 
@@ -249,8 +258,10 @@ class EngineTiming:
 
     def step_run(self, llm, prompts: list[dict], sp, profile_steps: int = 0) -> dict:
         """Timed run through the engine's step loop: prefill = until every request has a token,
-        decode = from then to the last token. ``profile_steps`` > 0: the last that many steps
-        run under a kernel profile (``row["profile"]``) and are left out of the decode time."""
+        decode = from then to the last token. ``profile_steps`` > 0: the first that many steps
+        after every request has its first token (all requests decoding: requests finish at
+        different times, so the last steps run a shrinking batch) run under a kernel profile
+        (``row["profile"]``); the decode time starts after them."""
         from vllm_profile import KernelProfile
 
         eng = llm.llm_engine
@@ -281,30 +292,30 @@ class EngineTiming:
             if t_all_first is None and len(first) >= len(prompts):
                 t_all_first = now
                 tok_all_first = sum(counts.values())
-            if steps_left is not None:
+                if profile_steps > 0:
+                    prof, steps_left = KernelProfile(), profile_steps
+                    try:
+                        prof.start()
+                    except Exception as e:
+                        prof_row["profile_error"] = f"{type(e).__name__}: {e}"
+                        prof = None
+            elif steps_left is not None and steps_left > 0:
                 steps_left -= 1
-            elif (profile_steps > 0 and t_all_first is not None
-                  and min(counts.values()) >= sp.max_tokens - profile_steps):
-                t_prof, tok_prof = now, sum(counts.values())
-                prof, steps_left = KernelProfile(), profile_steps
-                try:
-                    prof.start()
-                except Exception as e:
-                    prof_row["profile_error"] = f"{type(e).__name__}: {e}"
-                    prof = None
-        if prof is not None:
-            try:
-                prof_row["profile"] = prof.stop(profile_steps - (steps_left or 0))
-            except Exception as e:
-                prof_row["profile_error"] = f"{type(e).__name__}: {e}"
+                if steps_left == 0:  # window done: the decode time starts here
+                    t_prof, tok_prof = now, sum(counts.values())
+                    prof = _stop(prof, profile_steps, prof_row)
+        if prof is not None:  # the run ended inside the window
+            prof = _stop(prof, profile_steps - steps_left, prof_row)
+            t_prof, tok_prof = now, sum(counts.values())
         total = sum(counts.values())
         if t_all_first is None:
             t_all_first = now
-        end, end_tok = (t_prof, tok_prof) if t_prof is not None else (now, total)
-        dec_s = end - t_all_first
+        start, start_tok = ((t_prof, tok_prof) if t_prof is not None
+                            else (t_all_first, tok_all_first))
+        dec_s = now - start
         return {"prefill_s": t_all_first - t0, "total_s": now - t0, "decode_s": dec_s,
-                "tokens": total, "decode_tokens": end_tok - tok_all_first,
-                "decode_tok_s": (end_tok - tok_all_first) / dec_s if dec_s > 0 else math.nan,
+                "tokens": total, "decode_tokens": total - start_tok,
+                "decode_tok_s": (total - start_tok) / dec_s if dec_s > 0 else math.nan,
                 "ttft_mean_s": sum(first.values()) / max(len(first), 1),
                 "ttft_max_s": max(first.values(), default=math.nan), **prof_row}
 

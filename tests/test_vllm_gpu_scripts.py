@@ -303,10 +303,11 @@ def test_step_run_profiles_the_last_steps_and_leaves_them_out(serving, monkeypat
     timing = serving.EngineTiming()
     timing.seed = 0
     res = timing.step_run(llm, [{"prompt_token_ids": [1]}] * 3, sp, profile_steps=5)
-    # tokens 1..20 at steps 2..21; profiling starts once every request has 15 tokens (step 16)
-    assert calls == [("start", 16), ("stop", 21, 5)]
+    # tokens 1..20 at steps 2..21; the profile covers steps 3..7 (right after every request
+    # has its first token, step 2), the decode time starts after it (5 tokens each by then)
+    assert calls == [("start", 2), ("stop", 7, 5)]
     assert res["profile"] == {"steps": 5}
-    assert res["tokens"] == 60 and res["decode_tokens"] == 3 * (15 - 1)
+    assert res["tokens"] == 60 and res["decode_tokens"] == 3 * (20 - 6)
     plain = serving.EngineTiming()
     plain.seed = 0
     res0 = plain.step_run(type("L", (), {"llm_engine": _FakeEngine()})(),

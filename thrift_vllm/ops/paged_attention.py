@@ -32,7 +32,7 @@ from thrift_vllm.selection import BlockGrid, budget_to_k
 # "Paged decode, second pass"). The FP4 tiles are ALU- and latency-bound, so programs per SM
 # matter: ~8 per SM (target_programs) and a 168-register cap (maxnreg: three CTAs of 4 warps
 # per SM) beat 264 / uncapped by 1.15-1.44x on 4 of 6 cases; 8 warps lost everywhere.
-PAGED_DECODE_LAUNCH = {"target_programs": 1056, "num_warps": 4, "num_stages": 2, "maxnreg": 168}
+PAGED_DECODE_LAUNCH = {"target_programs": 2112, "num_warps": 4, "num_stages": 2, "maxnreg": 128}
 _TILE = 4096  # fp32 summary elements per score program: [BLOCK_N, D] (two tiles for quest)
 
 

@@ -217,11 +217,16 @@ def decode_row(out: str, kvl: str, B: int, ctx: int, a) -> None:
     emit(out, row)
 
 
-PROBE_CASES = ((16, 32768), (64, 131072), (1, 131072))
+PROBE_CASES = ((16, 8192), (16, 32768), (64, 131072), (1, 131072))
 # 8 warps and prefetching lost everywhere in the first probe (BENCHMARKS.md); stages do not
-# matter (the loop's loads are indirect, through the block table).
+# matter (the loop's loads are indirect, through the block table). 2 warps: the sm90 SASS
+# (aot_paged) has 8.9 instructions per KV value in the FP4 loop against 10.0 with 4 warps at
+# maxnreg 128 (fewer cross-warp reductions), no spills at 252 registers, but half the warps
+# per SM; not measured yet.
 PROBE_LAUNCH = [dict(target_programs=t, num_warps=4, num_stages=2, maxnreg=r)
                 for r in (None, 128, 168) for t in (264, 528, 1056, 2112)]
+PROBE_LAUNCH += [dict(target_programs=t, num_warps=2, num_stages=2, maxnreg=r)
+                 for r in (None, 168) for t in (2112, 4224)]
 
 
 def probe_rows(out: str, kvl: str, B: int, ctx: int, a) -> None:

@@ -158,3 +158,13 @@ def dump_json(path: str | os.PathLike, payload: dict) -> None:
     tmp = out.with_suffix(out.suffix + ".tmp")
     tmp.write_text(json.dumps(payload, indent=1, default=str))
     tmp.replace(out)
+
+
+def decode_graphs_setting(args) -> bool | None:
+    """Backend config ``cuda_graphs`` from ``--full-decode-graphs`` / ``--piecewise-decode``:
+    True / False, or None (leave the backend's default: FULL graphs since 2026-11-30)."""
+    full = getattr(args, "full_decode_graphs", False)
+    piecewise = getattr(args, "piecewise_decode", False)
+    if full and piecewise:
+        raise SystemExit("--full-decode-graphs and --piecewise-decode exclude each other")
+    return True if full else False if piecewise else None

@@ -16,7 +16,14 @@ import time
 import traceback
 from collections.abc import Callable, Sequence
 
-from vllm_bench_common import dump_json, engine_capacity, free_gpu, make_dummy_llama8b, make_tiny
+from vllm_bench_common import (
+    decode_graphs_setting,
+    dump_json,
+    engine_capacity,
+    free_gpu,
+    make_dummy_llama8b,
+    make_tiny,
+)
 
 TIE_TOL = 0.05  # nats: a flipped token is accepted if both engines rank the pair this close
 LP_TOL = 0.10  # nats: chosen-token logprob difference allowed on the common prefix
@@ -314,8 +321,9 @@ class RunnerBase:
 
     def thrift_config(self, budget: float) -> dict:
         cfg = {"fp16_budget": budget, "impl": self.args.impl}
-        if getattr(self.args, "full_decode_graphs", False):
-            cfg["cuda_graphs"] = True  # FULL graphs of pure-decode steps (opt-in backend path)
+        graphs = decode_graphs_setting(self.args)
+        if graphs is not None:  # FULL graphs of pure-decode steps, or piecewise
+            cfg["cuda_graphs"] = graphs
         return {"thrift_vllm": cfg}
 
     def with_engine(self, name: str, kwargs: dict, body: Callable[[object], None],

@@ -17,7 +17,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from vllm_bench_common import LP_QUALNAME, ensure_plugin_entry_point, free_gpu, set_env_defaults
+from vllm_bench_common import (
+    LP_QUALNAME,
+    decode_graphs_setting,
+    ensure_plugin_entry_point,
+    free_gpu,
+    set_env_defaults,
+)
 from vllm_serving_lib import (
     BACKENDS,
     make_sweep_table,
@@ -63,8 +69,9 @@ class Sweep:
             cmd += ["--enforce-eager"]
         if be["thrift"]:
             cfg = {"impl": a.impl}
-            if a.full_decode_graphs:
-                cfg["cuda_graphs"] = True
+            graphs = decode_graphs_setting(a)
+            if graphs is not None:
+                cfg["cuda_graphs"] = graphs
             if a.bulk_math != "bf16":
                 cfg["bulk_math"] = a.bulk_math
             if plan["budget"] is not None:
@@ -101,13 +108,15 @@ class Sweep:
         url = f"http://127.0.0.1:{port}/v1/completions"
 
         async def one(client, prompt):
+            # usage in every chunk: a chunk may carry several tokens once the client lags
             body = {"model": "bench", "prompt": prompt, "max_tokens": a.sweep_max_tokens,
-                    "temperature": 0.0, "stream": True, "ignore_eos": True}
+                    "temperature": 0.0, "stream": True, "ignore_eos": True,
+                    "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
             if budget is not None:
                 body["vllm_xargs"] = {"fp16_budget": budget}
             async with sem:
                 start = time.perf_counter()
-                times = []
+                times, tokens = [], None
                 async with client.stream("POST", url, json=body) as r:
                     r.raise_for_status()
                     async for line in r.aiter_lines():
@@ -116,9 +125,13 @@ class Sweep:
                         data = line[5:].strip()
                         if data == "[DONE]":
                             break
-                        if json.loads(data).get("choices"):
+                        msg = json.loads(data)
+                        if msg.get("choices"):
                             times.append(time.perf_counter())
-                return stream_stats(start, times)
+                        usage = msg.get("usage") or {}
+                        if usage.get("completion_tokens") is not None:
+                            tokens = int(usage["completion_tokens"])
+                return stream_stats(start, times, tokens)
 
         t = time.perf_counter()
         async with httpx.AsyncClient(timeout=httpx.Timeout(600.0)) as client:
@@ -126,11 +139,14 @@ class Sweep:
         wall = time.perf_counter() - t
         ttft = [s["ttft"] for s in stats]
         itl = [x for s in stats for x in s["itl"]]
-        chunks = sum(s["n"] for s in stats)
+        tpot = [s["tpot"] for s in stats if s["tpot"] == s["tpot"]]  # not NaN
+        tokens = sum(s["n"] for s in stats)
         return {"concurrency": concurrency, "requests": n, "wall_s": wall,
                 "ttft_p50": percentile(ttft, 50), "ttft_p99": percentile(ttft, 99),
                 "itl_p50": percentile(itl, 50), "itl_p99": percentile(itl, 99),
-                "out_tok_s": chunks / wall, "chunks": chunks}
+                "tpot_p50": percentile(tpot, 50), "tpot_p99": percentile(tpot, 99),
+                "out_tok_s": tokens / wall, "tokens": tokens,
+                "chunks": sum(s["chunks"] for s in stats)}
 
     def run(self) -> int:
         a = self.args

@@ -76,6 +76,7 @@ if str(HERE) not in sys.path:  # loaded by file path (the tests): find the sibli
 from vllm_bench_common import (  # noqa: E402
     LP_QUALNAME,
     counters,
+    decode_graphs_setting,
     dump_json,
     engine_capacity,
     ensure_plugin_entry_point,
@@ -149,8 +150,9 @@ class Bench(EngineTiming):
             kw["block_size"] = a.block_size
         if be["thrift"]:
             cfg = {"impl": a.impl}
-            if a.full_decode_graphs:
-                cfg["cuda_graphs"] = True  # FULL graphs of pure-decode steps (opt-in)
+            graphs = decode_graphs_setting(a)
+            if graphs is not None:  # FULL graphs of pure-decode steps, or piecewise
+                cfg["cuda_graphs"] = graphs
             if a.bulk_math != "bf16":
                 cfg["bulk_math"] = a.bulk_math  # prefill's FP4 blocks on e4m3 operands
             if plan["budget"] is not None:
@@ -254,6 +256,8 @@ class Bench(EngineTiming):
                 warmed = False
                 for case in cases:
                     est = case.est_s * (2 if name == "TRITON_ATTN" else 1)
+                    if case.kind == "fit":  # est_s is for ~80 requests; --fit-max caps them
+                        est *= min(base.get("fit32k") or 0, a.fit_max) / 80
                     if case.kind == "capacity":
                         self.add({**base, "case": "capacity", "kind": "capacity",
                                   "budget": budget})
@@ -353,7 +357,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eager", action="store_true", help="enforce_eager (default: graphs)")
     p.add_argument("--impl", default="triton")
     p.add_argument("--full-decode-graphs", action="store_true",
-                   help="thrift backend config cuda_graphs (FULL graphs of pure-decode steps)")
+                   help="thrift config cuda_graphs on (FULL graphs of pure-decode steps; the "
+                        "backend's default since 2026-11-30)")
+    p.add_argument("--piecewise-decode", action="store_true",
+                   help="thrift config cuda_graphs off (piecewise graphs, attention eager)")
     p.add_argument("--bulk-math", choices=("bf16", "fp8"), default="bf16",
                    help="thrift backend config bulk_math (prefill arithmetic of FP4 blocks)")
     p.add_argument("--unit", type=int, default=64, help="thrift selection unit (bytes/token)")

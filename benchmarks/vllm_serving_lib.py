@@ -129,12 +129,18 @@ def plan_engines(backends: list[str], budgets: list[float], mode: str) -> list[d
     return plan
 
 
-def stream_stats(start: float, chunk_times: list[float]) -> dict:
-    """TTFT and inter-token gaps of one streamed request (chunk arrival times)."""
+def stream_stats(start: float, chunk_times: list[float], tokens: int | None = None) -> dict:
+    """One streamed request: TTFT, the gaps between chunks (``itl``), TPOT = (last chunk -
+    first chunk) / (tokens - 1) and ``n`` = tokens. A chunk can carry several tokens when the
+    client falls behind, so ``tokens`` (the server's usage count) is used where given; chunk
+    count otherwise."""
+    n = len(chunk_times) if tokens is None else tokens
     if not chunk_times:
-        return {"ttft": math.nan, "itl": [], "n": 0}
+        return {"ttft": math.nan, "itl": [], "tpot": math.nan, "n": n, "chunks": 0}
     itl = [b - a for a, b in itertools.pairwise(chunk_times)]
-    return {"ttft": chunk_times[0] - start, "itl": itl, "n": len(chunk_times)}
+    tpot = (chunk_times[-1] - chunk_times[0]) / (n - 1) if n > 1 else math.nan
+    return {"ttft": chunk_times[0] - start, "itl": itl, "tpot": tpot, "n": n,
+            "chunks": len(chunk_times)}
 
 
 def _fmt(x, nd: int = 0) -> str:
@@ -179,7 +185,7 @@ def make_table(rows: list[dict]) -> str:
 
 def make_sweep_table(rows: list[dict]) -> str:
     head = ["backend", "budget", "conc", "reqs", "TTFT p50 s", "TTFT p99 s", "ITL p50 ms",
-            "ITL p99 ms", "out tok/s"]
+            "ITL p99 ms", "TPOT p50 ms", "out tok/s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         if r.get("error"):
@@ -188,7 +194,8 @@ def make_sweep_table(rows: list[dict]) -> str:
             continue
         cells = [r["backend"], _budget(r.get("budget")), r["concurrency"], r["requests"],
                  _fmt(r["ttft_p50"], 2), _fmt(r["ttft_p99"], 2), _fmt(r["itl_p50"] * 1e3, 1),
-                 _fmt(r["itl_p99"] * 1e3, 1), _fmt(r["out_tok_s"])]
+                 _fmt(r["itl_p99"] * 1e3, 1), _fmt(r.get("tpot_p50", math.nan) * 1e3, 1),
+                 _fmt(r["out_tok_s"])]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)
 

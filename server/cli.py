@@ -353,9 +353,9 @@ def _multiprocess_metrics() -> None:
 def serve(argv: list[str]) -> int:
     _multiprocess_metrics()
     import uvloop
-    from vllm.logger import configure_logging_from_args, init_logger
+    from vllm.logger import init_logger
 
-    from thrift_vllm.backend.compat import openai_server_api
+    from thrift_vllm.backend.compat import configure_logging, openai_server_api
 
     api = openai_server_api()
     validate_parsed_serve_args = api["validate_parsed_serve_args"]
@@ -368,7 +368,7 @@ def serve(argv: list[str]) -> int:
         # refuses to start on a machine that is already partly used; a fixed space starts
         # anywhere. This is vLLM's own setting, passed to its worker processes.
         os.environ["VLLM_CPU_KVCACHE_SPACE"] = CPU_KVCACHE_SPACE_GIB
-    configure_logging_from_args(args)
+    configure_logging(args)
     validate_parsed_serve_args(args)
     logger = init_logger("vllm.thrift_vllm.server")
     line = startup_line(args, info)

@@ -262,6 +262,26 @@ def test_cli_version_and_help(capsys):
 
 
 @needs_vllm
+def test_configure_logging_without_vllm_0_32_helper(monkeypatch):
+    """vLLM 0.26 (the H200's) has no ``configure_logging_from_args``: ``thrift-vllm serve``
+    died at start there (ImportError). The compat wrapper calls it where it exists only."""
+    import argparse
+
+    import vllm.logger
+
+    from thrift_vllm.backend import compat
+
+    args = argparse.Namespace(log_level="info")
+    seen = []
+    monkeypatch.setattr(vllm.logger, "configure_logging_from_args", seen.append, raising=False)
+    compat.configure_logging(args)
+    assert seen == [args]
+    monkeypatch.delattr(vllm.logger, "configure_logging_from_args")
+    compat.configure_logging(args)  # 0.26: nothing to call, no error
+    assert seen == [args]
+
+
+@needs_vllm
 def test_cli_prepare_selects_backend(monkeypatch):
     from thrift_vllm.server import cli, middleware
 

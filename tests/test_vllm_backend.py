@@ -801,8 +801,12 @@ def test_vllm_graph_decode_inputs_are_persistent(vllm_ok, monkeypatch):
     assert md2.decode.block_table.data_ptr() == block_table.data_ptr()
     mixed = step([900, 300], [1, 64])  # a prefill chunk in the step: fresh inputs
     assert mixed.decode.rows.tolist() == [0] and mixed.decode.seq_lens.tolist() == [900]
-    cfg = SimpleNamespace(additional_config={"thrift_vllm": {"cuda_graphs": True}})
     full = AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
+    default = SimpleNamespace(additional_config={})
+    assert Builder.get_cudagraph_support(default, None) == full  # on by default
+    torch_path = SimpleNamespace(additional_config={"thrift_vllm": {"impl": "torch"}})
+    assert Builder.get_cudagraph_support(torch_path, None) == AttentionCGSupport.NEVER
+    cfg = SimpleNamespace(additional_config={"thrift_vllm": {"cuda_graphs": True}})
     assert Builder.get_cudagraph_support(cfg, None) == full
     cfg.additional_config["thrift_vllm"]["cuda_graphs"] = False
     assert Builder.get_cudagraph_support(cfg, None) == AttentionCGSupport.NEVER

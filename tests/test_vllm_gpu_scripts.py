@@ -198,6 +198,10 @@ def test_stream_stats_and_tables(serving):
     s = serving.stream_stats(10.0, [10.5, 10.6, 10.8])
     assert s["ttft"] == pytest.approx(0.5) and s["itl"] == pytest.approx([0.1, 0.2])
     assert math.isnan(serving.stream_stats(1.0, [])["ttft"])
+    assert s["tpot"] == pytest.approx(0.15) and s["n"] == 3 == s["chunks"]
+    # 5 tokens in 3 chunks (a lagging client gets several tokens per chunk): TPOT per token
+    t = serving.stream_stats(10.0, [10.5, 10.6, 10.8], tokens=5)
+    assert t["tpot"] == pytest.approx(0.075) and t["n"] == 5 and t["chunks"] == 3
     rows = [
         {"backend": "FLASH_ATTN", "budget": None, "case": "capacity", "kind": "capacity",
          "capacity_tokens": 780000, "bytes_per_token": 131072, "fit32k": 23, "kv_gib": 95.2},
@@ -214,9 +218,10 @@ def test_stream_stats_and_tables(serving):
     assert "| 0.05 |" in table[3] and "30,000" in table[3] and "ERR" in table[3]
     sweep = serving.make_sweep_table([
         {"backend": "FLASH_ATTN", "budget": None, "concurrency": 8, "requests": 16,
-         "ttft_p50": 0.5, "ttft_p99": 1.0, "itl_p50": 0.01, "itl_p99": 0.02, "out_tok_s": 900.0},
+         "ttft_p50": 0.5, "ttft_p99": 1.0, "itl_p50": 0.01, "itl_p99": 0.02, "tpot_p50": 0.0123,
+         "out_tok_s": 900.0},
         {"backend": "thrift-auto", "budget": 0.05, "concurrency": 8, "error": "x"}])
-    assert "10.0" in sweep and "ERROR" in sweep
+    assert "10.0" in sweep and "12.3" in sweep and "ERROR" in sweep
 
 
 def test_scaled_and_merge(serving, tmp_path):
@@ -328,3 +333,19 @@ def test_sweep_server_cmd_passes_thrift_settings(serving):
     assert cmd[cmd.index("--kv-cache-dtype") + 1] == "nvfp4"
     fa = sw.server_cmd({"backend": "FLASH_ATTN", "budget": None}, 8000)
     assert "--additional-config" not in fa
+
+
+def test_decode_graphs_setting(serving):
+    common = sys.modules.get("vllm_bench_common") or __import__("vllm_bench_common")
+    parse = serving.build_parser().parse_args
+    assert common.decode_graphs_setting(parse([])) is None  # the backend's default (FULL)
+    assert common.decode_graphs_setting(parse(["--full-decode-graphs"])) is True
+    assert common.decode_graphs_setting(parse(["--piecewise-decode"])) is False
+    with pytest.raises(SystemExit, match="exclude each other"):
+        common.decode_graphs_setting(parse(["--full-decode-graphs", "--piecewise-decode"]))
+    sweep_mod = sys.modules.get("vllm_server_sweep") or __import__("vllm_server_sweep")
+    sw = sweep_mod.Sweep(parse(["--piecewise-decode"]))
+    sw.model, sw.shape = "/m", {"max_positions": 131072}
+    cmd = sw.server_cmd({"backend": "thrift-auto", "budget": None}, 8000)
+    assert json.loads(cmd[cmd.index("--additional-config") + 1])["thrift_vllm"] == {
+        "impl": "triton", "cuda_graphs": False}

@@ -184,6 +184,17 @@ def openai_server_api() -> dict:
             "cli_env_setup": cli_env_setup}
 
 
+def configure_logging(args) -> None:
+    """Apply the serve command's logging arguments: vLLM 0.32+ ``configure_logging_from_args``;
+    0.26 has none (it configures its logger at import from environment variables), so this is
+    a no-op there. Without it ``thrift-vllm serve`` failed at start on the H200's 0.26."""
+    import vllm.logger as vllm_logger
+
+    fn = getattr(vllm_logger, "configure_logging_from_args", None)
+    if fn is not None:
+        fn(args)
+
+
 def replace_spec(spec: AttentionSpec, **changes) -> AttentionSpec:
     """``spec`` with fields changed (vLLM 0.32/0.33 specs are frozen dataclasses; page bytes per
     head per token are the ``state_content_bytes`` field)."""

@@ -225,7 +225,7 @@ def _paged_decode_kernel(
 def _paged_reduce_kernel(
     Acc, ML, SeqLens, Out, tiles_per_split,
     stride_ab, stride_ah, stride_as, stride_mb, stride_mh, stride_ms, stride_ob, stride_oh,
-    Hq: tl.constexpr, U: tl.constexpr, D: tl.constexpr, SPLIT_POW2: tl.constexpr,
+    Hq: tl.constexpr, U: tl.constexpr, D: tl.constexpr, SPLIT_CHUNK: tl.constexpr,
 ):
     """Merge the written splits of one (sequence, query head): Out [B, Hq, D] (rows of idle
     sequences, seq_len 0, get zeros). Grid (B * Hq,)."""
@@ -237,4 +237,4 @@ def _paged_reduce_kernel(
     n_act = (n_units + tiles_per_split - 1) // tiles_per_split
     _merge_splits(Acc + b * stride_ab + h * stride_ah, ML + b * stride_mb + h * stride_mh,
                   Out + b * stride_ob + h * stride_oh, n_act, stride_as, stride_ms, D,
-                  SPLIT_POW2)
+                  SPLIT_CHUNK)

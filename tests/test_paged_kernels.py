@@ -238,6 +238,38 @@ def test_decode_launch_variants(ci):
             assert _rel(out[i], ref[i]) < TOL[dt], (launch, i, _rel(out[i], ref[i]))
 
 
+@pytest.mark.parametrize("ci", [0, 3], ids=["auto", "nvfp4"])
+def test_decode_reduce_merges_many_splits(ci):
+    """More split partials than the reduce merges per loop step (SPLIT_CHUNK), a count that is
+    not a multiple of it, next to a sequence with a few: the chunked online merge gives the
+    reference result (the first reduce held every split in one tile and spilled on sm90)."""
+    from thrift_vllm.ops.attention import SPLIT_CHUNK, decode_split_plan
+
+    kvl, fmt, sel, dt, D, Hkv, group, P, U = DECODE_CASES[ci]
+    lay = KVLayout(kvl, D, P, U, fmt, sel, dt)
+    seq_lens = (2 * SPLIT_CHUNK * U + 3 * U - 5, 70)
+    n_max = -(-seq_lens[0] // U)
+    splits, per = decode_split_plan(len(seq_lens), Hkv, n_max, 4096)
+    assert per == 1 and splits > 2 * SPLIT_CHUNK and splits % SPLIT_CHUNK  # three loop steps
+    b = Batch(lay, seq_lens, (1,) * 2, Hkv, group, seed=310 + ci)
+    cache = _dev(b.cache)
+    write_kv_triton(_dev(b.key), _dev(b.value), cache, _dev(b.step_slots), lay)
+    b.cache = cache.cpu()
+    budgets = (0.05, 0.0)
+    ref = paged_attention(lay, lay.views(b.cache), b.query, b.key, b.value,
+                          query_start_loc=b.qsl, seq_lens=list(seq_lens),
+                          block_table=b.block_table, fp16_budgets=list(budgets), scale=D**-0.5)
+    ks = [budget_to_k(f, BlockGrid(1, s, U, True)) for f, s in zip(budgets, seq_lens,
+                                                                    strict=True)]
+    out = paged_decode_triton(lay, cache, _dev(b.query), _dev(b.key), _dev(b.value),
+                              block_table=_dev(b.block_table),
+                              seq_lens=_dev(torch.tensor(seq_lens, dtype=torch.int32)),
+                              num_fp16_blocks=_dev(torch.tensor(ks, dtype=torch.int32)),
+                              scale=D**-0.5, launch={"target_programs": 4096}).cpu()
+    for i in range(len(seq_lens)):
+        assert _rel(out[i], ref[i]) < TOL[dt], (i, _rel(out[i], ref[i]))
+
+
 def _topk_reference(score: torch.Tensor, k: int, force: bool) -> list[int]:
     """The selection rule by a stable sort: finite scores only, larger first, ties to the
     smaller unit; with ``force``, the first and the last unit (when finite) rank first."""

@@ -21,7 +21,7 @@ import triton
 from thrift_vllm.kernels.paged_decode import _paged_decode_kernel, _paged_reduce_kernel
 from thrift_vllm.kernels.paged_select import _paged_score_kernel, _paged_topk_kernel
 from thrift_vllm.kv_layout import KVLayout
-from thrift_vllm.ops.attention import LOG2E, decode_split_plan
+from thrift_vllm.ops.attention import LOG2E, SPLIT_CHUNK, decode_split_plan
 from thrift_vllm.ops.kv_write import cache_bytes, region_offsets
 from thrift_vllm.ops.paged_prefill import PAGED_BULK_MATHS, prefill_sequence
 from thrift_vllm.ops.quantize import triton_interpreted
@@ -151,9 +151,6 @@ def paged_decode_triton(
     sel_arg = sel if k_sel else torch.full((1, 1, 1), -1, dtype=torch.int32, device=query.device)
     n_max = _max_units(layout, block_table)
     splits, per = decode_split_plan(B, Hkv, n_max, cfg["target_programs"])
-    # The reduce's width from batch size 1 (the most splits), so it compiles once per table
-    # width instead of once per power of two of the batch's split count.
-    split_cap = decode_split_plan(1, Hkv, n_max, cfg["target_programs"])[0]
     acc = torch.empty(B, Hq, splits, D, dtype=torch.float32, device=query.device)
     ml = torch.empty(B, Hq, splits, 2, dtype=torch.float32, device=query.device)
     offs = region_offsets(layout)
@@ -173,7 +170,7 @@ def paged_decode_triton(
     )
     _paged_reduce_kernel[(B * Hq,)](
         acc, ml, seq_lens, out, per, *acc.stride()[:3], *ml.stride()[:3], out.stride(0),
-        out.stride(1), Hq=Hq, U=layout.unit, D=D, SPLIT_POW2=triton.next_power_of_2(split_cap),
+        out.stride(1), Hq=Hq, U=layout.unit, D=D, SPLIT_CHUNK=SPLIT_CHUNK,
     )
     return out
 

@@ -141,7 +141,7 @@ class Sweep:
         itl = [x for s in stats for x in s["itl"]]
         tpot = [s["tpot"] for s in stats if s["tpot"] == s["tpot"]]  # not NaN
         tokens = sum(s["n"] for s in stats)
-        return {"concurrency": concurrency, "requests": n, "wall_s": wall,
+        return {"concurrency": concurrency, "requests": n, "wall_s": wall, "req_s": n / wall,
                 "ttft_p50": percentile(ttft, 50), "ttft_p99": percentile(ttft, 99),
                 "itl_p50": percentile(itl, 50), "itl_p99": percentile(itl, 99),
                 "tpot_p50": percentile(tpot, 50), "tpot_p99": percentile(tpot, 99),

@@ -184,8 +184,8 @@ def make_table(rows: list[dict]) -> str:
 
 
 def make_sweep_table(rows: list[dict]) -> str:
-    head = ["backend", "budget", "conc", "reqs", "TTFT p50 s", "TTFT p99 s", "ITL p50 ms",
-            "ITL p99 ms", "TPOT p50 ms", "out tok/s"]
+    head = ["backend", "budget", "conc", "reqs", "req/s", "TTFT p50 s", "TTFT p99 s",
+            "ITL p50 ms", "ITL p99 ms", "TPOT p50 ms", "out tok/s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         if r.get("error"):
@@ -193,7 +193,8 @@ def make_sweep_table(rows: list[dict]) -> str:
                          f"| ERROR {str(r['error'])[:60]} |")
             continue
         cells = [r["backend"], _budget(r.get("budget")), r["concurrency"], r["requests"],
-                 _fmt(r["ttft_p50"], 2), _fmt(r["ttft_p99"], 2), _fmt(r["itl_p50"] * 1e3, 1),
+                 _fmt(r.get("req_s", math.nan), 2), _fmt(r["ttft_p50"], 2),
+                 _fmt(r["ttft_p99"], 2), _fmt(r["itl_p50"] * 1e3, 1),
                  _fmt(r["itl_p99"] * 1e3, 1), _fmt(r.get("tpot_p50", math.nan) * 1e3, 1),
                  _fmt(r["out_tok_s"])]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")

@@ -219,9 +219,9 @@ def test_stream_stats_and_tables(serving):
     sweep = serving.make_sweep_table([
         {"backend": "FLASH_ATTN", "budget": None, "concurrency": 8, "requests": 16,
          "ttft_p50": 0.5, "ttft_p99": 1.0, "itl_p50": 0.01, "itl_p99": 0.02, "tpot_p50": 0.0123,
-         "out_tok_s": 900.0},
+         "out_tok_s": 900.0, "req_s": 3.456},
         {"backend": "thrift-auto", "budget": 0.05, "concurrency": 8, "error": "x"}])
-    assert "10.0" in sweep and "12.3" in sweep and "ERROR" in sweep
+    assert "10.0" in sweep and "12.3" in sweep and "3.46" in sweep and "ERROR" in sweep
 
 
 def test_scaled_and_merge(serving, tmp_path):

@@ -311,9 +311,10 @@ class EngineTiming:
                 steps_left -= 1
                 if steps_left == 0:  # window done: the decode time starts here
                     t_prof, tok_prof = now, sum(counts.values())
-                    prof = _stop(prof, profile_steps, prof_row)
-        if prof is not None:  # the run ended inside the window
-            prof = _stop(prof, profile_steps - steps_left, prof_row)
+                    _stop(prof, profile_steps, prof_row)
+                    prof = None
+        if prof is not None:  # the run ended inside the window: nothing left to time
+            _stop(prof, profile_steps - steps_left, prof_row)
             t_prof, tok_prof = now, sum(counts.values())
         total = sum(counts.values())
         if t_all_first is None:

@@ -28,10 +28,11 @@ from thrift_vllm.ops.quantize import triton_interpreted
 from thrift_vllm.ops.select import MAX_KV_BLOCKS
 from thrift_vllm.selection import BlockGrid, budget_to_k
 
-# Paged decode launch, from the H200 probe (`bench_paged.py --sections probe`; BENCHMARKS.md,
-# "Paged decode, second pass"). The FP4 tiles are ALU- and latency-bound, so programs per SM
-# matter: ~8 per SM (target_programs) and a 168-register cap (maxnreg: three CTAs of 4 warps
-# per SM) beat 264 / uncapped by 1.15-1.44x on 4 of 6 cases; 8 warps lost everywhere.
+# Paged decode launch, from the H200 probes (`bench_paged.py --sections probe`; BENCHMARKS.md,
+# "Paged decode, second pass" and "Third H200 pass"). The FP4 tiles are ALU- and latency-bound,
+# so programs per SM matter: ~16 per SM (target_programs) and a 128-register cap (four CTAs of
+# 4 warps per SM) had the best geometric mean over 8 cases (1.06x the 1056 / 168 launch on the
+# large ones); 8 warps lost everywhere, 2 warps did not win overall.
 PAGED_DECODE_LAUNCH = {"target_programs": 2112, "num_warps": 4, "num_stages": 2, "maxnreg": 128}
 _TILE = 4096  # fp32 summary elements per score program: [BLOCK_N, D] (two tiles for quest)
 

@@ -428,6 +428,7 @@ def test_vllm_builder_budget_to_k_per_sequence(vllm_ok):
 
     b = object.__new__(ThriftAttentionMetadataBuilder)  # skip vLLM's config plumbing
     b.config, b.page_size, b.per_request = ThriftBackendConfig(fp16_budget=0.25), 128, False
+    b.exact_cpu_seq_lens = True
     b.use_triton, b.graph_buffers = True, None  # Triton path: decode inputs made here too
     qsl = torch.tensor([0, 300, 301, 365], dtype=torch.int32)
     seq_lens = torch.tensor([300, 900, 1000], dtype=torch.int32)
@@ -777,6 +778,7 @@ def test_vllm_graph_decode_inputs_are_persistent(vllm_ok, monkeypatch):
     b = object.__new__(Builder)
     b.config = ThriftBackendConfig(fp16_budget=0.25, impl="triton", cuda_graphs=True)
     b.page_size, b.per_request, b.use_triton = 128, False, True
+    b.exact_cpu_seq_lens = True
     b.graph_buffers = GraphDecodeBuffers(max_num_seqs=8, max_units=-(-4096 // 64), device="cpu")
     block_table = torch.arange(8 * 16, dtype=torch.int32).view(8, 16)
     seq_lens = torch.zeros(8, dtype=torch.int32)
@@ -810,6 +812,57 @@ def test_vllm_graph_decode_inputs_are_persistent(vllm_ok, monkeypatch):
     assert Builder.get_cudagraph_support(cfg, None) == full
     cfg.additional_config["thrift_vllm"]["cuda_graphs"] = False
     assert Builder.get_cudagraph_support(cfg, None) == AttentionCGSupport.NEVER
+
+
+def test_vllm_builder_reads_host_seq_lens_without_a_device_sync(vllm_ok):
+    """The builder takes sequence lengths from vLLM's CPU copy (``seq_lens_cpu_upper_bound``,
+    exact without speculative decoding), not by reading the device tensor, which on a GPU is a
+    stream sync every step; with speculative decoding (the CPU copy is an upper bound) it reads
+    the device tensor. Here the two disagree on purpose, to see which one was read."""
+    from types import SimpleNamespace
+
+    from vllm.v1.attention.backend import CommonAttentionMetadata
+
+    from thrift_vllm.backend import compat
+    from thrift_vllm.backend.thrift_attn import ThriftAttentionMetadataBuilder as Builder
+
+    qsl = torch.tensor([0, 1, 5], dtype=torch.int32)
+    common = CommonAttentionMetadata(
+        query_start_loc=qsl, query_start_loc_cpu=qsl, seq_lens=torch.tensor([900, 70],
+        dtype=torch.int32), num_reqs=2, num_actual_tokens=5, max_query_len=4,
+        max_seq_len=900, block_table_tensor=torch.zeros(2, 16, dtype=torch.int32),
+        slot_mapping=torch.zeros(5), seq_lens_cpu_upper_bound=torch.tensor(
+            [901, 71], dtype=torch.int32))
+    assert compat.host_seq_lens(common, 2, exact_cpu_copy=True) == [901, 71]
+    assert compat.host_seq_lens(common, 2, exact_cpu_copy=False) == [900, 70]
+    assert compat.speculative_decoding(SimpleNamespace(speculative_config=object()))
+    assert not compat.speculative_decoding(SimpleNamespace(speculative_config=None))
+    b = object.__new__(Builder)
+    b.config = ThriftBackendConfig(fp16_budget=0.25, impl="torch")
+    b.page_size, b.per_request, b.use_triton, b.graph_buffers = 64, False, False, None
+    b.exact_cpu_seq_lens = True
+    assert b.build(0, common).seq_lens_host == [901, 71]
+    b.exact_cpu_seq_lens = False
+    assert b.build(0, common).seq_lens_host == [900, 70]
+    no_copy = CommonAttentionMetadata(  # where vLLM gives no CPU copy: the device tensor
+        query_start_loc=qsl, query_start_loc_cpu=qsl, seq_lens=common.seq_lens, num_reqs=2,
+        num_actual_tokens=5, max_query_len=4, max_seq_len=900,
+        block_table_tensor=common.block_table_tensor, slot_mapping=torch.zeros(5))
+    b.exact_cpu_seq_lens = True
+    assert b.build(0, no_copy).seq_lens_host == [900, 70]
+
+
+def test_host_to_device_values_and_no_sync_path():
+    """Host ints to the device: same values and dtype as torch.tensor; on CUDA the copy is
+    non-blocking from pinned memory (checked on the GPU only: the CPU path is a plain tensor)."""
+    from thrift_vllm.ops.paged_attention import host_to_device
+
+    t = host_to_device([3, 1, 2], torch.int32, "cpu")
+    assert t.dtype == torch.int32 and t.tolist() == [3, 1, 2]
+    assert host_to_device([], torch.long, torch.device("cpu")).numel() == 0
+    if torch.cuda.is_available():
+        g = host_to_device(list(range(1000)), torch.int32, "cuda")
+        assert g.is_cuda and g.cpu().tolist() == list(range(1000))
 
 
 @pytest.mark.parametrize("kv_cache_dtype", ["auto", "nvfp4"])

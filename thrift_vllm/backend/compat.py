@@ -82,6 +82,24 @@ else:
     from vllm.v1.kv_cache_interface import KVCacheLayout
 
 
+def host_seq_lens(common: CommonAttentionMetadata, n: int, exact_cpu_copy: bool) -> list[int]:
+    """The first ``n`` sequence lengths as host ints. vLLM (0.26 and 0.32+) passes a CPU copy,
+    ``seq_lens_cpu_upper_bound``, exact unless speculative decoding is on (then optimistic for
+    decode rows): with ``exact_cpu_copy`` it is used, so building metadata never waits for the
+    GPU — ``seq_lens.tolist()`` on a device tensor is a stream sync that stalls vLLM's
+    asynchronous scheduling every step. Otherwise (or where the field is missing) the device
+    tensor is read."""
+    cpu = getattr(common, "seq_lens_cpu_upper_bound", None)
+    if exact_cpu_copy and cpu is not None:
+        return cpu[:n].tolist()
+    return common.seq_lens[:n].tolist()
+
+
+def speculative_decoding(vllm_config) -> bool:
+    """Whether the engine drafts tokens (then vLLM's CPU sequence lengths are upper bounds)."""
+    return getattr(vllm_config, "speculative_config", None) is not None
+
+
 def req_idx(common: CommonAttentionMetadata):
     """Model runner V2's request slots (0.32+), None where the field does not exist (0.26)."""
     return getattr(common, "req_idx", None)

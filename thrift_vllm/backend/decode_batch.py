@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from thrift_vllm.ops.paged_attention import DecodeBatch
+from thrift_vllm.ops.paged_attention import DecodeBatch, host_to_device
 
 
 class GraphDecodeBuffers:
@@ -44,7 +44,9 @@ class GraphDecodeBuffers:
         if seq_lens.dtype != torch.int32 or block_table.dtype != torch.int32:
             raise ValueError(f"seq_lens/block_table must be int32, got {seq_lens.dtype}/"
                              f"{block_table.dtype}")
-        self.num_fp16_blocks[:n].copy_(torch.tensor(ks, dtype=torch.int32))
+        # pinned + non-blocking: a pageable copy would synchronise the stream every step
+        self.num_fp16_blocks[:n].copy_(
+            host_to_device(ks, torch.int32, self.num_fp16_blocks.device), non_blocking=True)
         return DecodeBatch(rows=None, seq_lens=seq_lens[:n],
                            num_fp16_blocks=self.num_fp16_blocks[:n],
                            block_table=block_table[:n], max_num_fp16_blocks=self.max_units)

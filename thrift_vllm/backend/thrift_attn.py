@@ -42,8 +42,10 @@ from thrift_vllm.backend.compat import (
     VllmConfig,
     get_current_vllm_config_or_none,
     get_logger,
+    host_seq_lens,
     replace_spec,
     req_idx,
+    speculative_decoding,
 )
 from thrift_vllm.backend.config import ThriftBackendConfig
 from thrift_vllm.backend.decode_batch import GraphDecodeBuffers
@@ -94,6 +96,7 @@ class ThriftAttentionMetadataBuilder(AttentionMetadataBuilder[ThriftAttentionMet
         self.config = ThriftBackendConfig.from_vllm_config(vllm_config)
         self.page_size = kv_cache_spec.block_size
         self.per_request = request_budget.is_enabled(vllm_config)
+        self.exact_cpu_seq_lens = not speculative_decoding(vllm_config)
         pp = getattr(getattr(vllm_config, "parallel_config", None), "pipeline_parallel_size", 1)
         if self.per_request and pp > 1:
             logger.warning_once("thrift_vllm: with pipeline parallelism, per-request fp16_budget "
@@ -139,7 +142,7 @@ class ThriftAttentionMetadataBuilder(AttentionMetadataBuilder[ThriftAttentionMet
             raise NotImplementedError("ThriftAttention backend: only causal decoder attention")
         num_reqs = common.num_reqs
         qsl = common.query_start_loc_cpu[: num_reqs + 1].tolist()
-        seq_lens = common.seq_lens[:num_reqs].tolist()  # CPU tensor on CPU; one sync on GPU
+        seq_lens = host_seq_lens(common, num_reqs, self.exact_cpu_seq_lens)  # no GPU sync
         budgets = self.request_budgets(common)
         ks, grids = [], []
         for i in range(num_reqs):

@@ -176,6 +176,17 @@ def paged_decode_triton(
     return out
 
 
+def host_to_device(values: Sequence[int], dtype: torch.dtype, device: torch.device
+                   ) -> torch.Tensor:
+    """A 1-D tensor of host ints on ``device`` without a stream sync: on CUDA through pinned
+    memory and a non-blocking copy (PyTorch's caching host allocator keeps the pinned block
+    until the copy has run); ``torch.tensor(..., device=cuda)`` copies from pageable memory
+    and synchronises the stream, which per step stalls vLLM's asynchronous scheduling."""
+    if torch.device(device).type != "cuda":
+        return torch.tensor(values, dtype=dtype, device=device)
+    return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
+
+
 @dataclass
 class DecodeBatch:
     """Inputs of one :func:`paged_decode_triton` launch for a batch's one-token sequences."""
@@ -201,7 +212,7 @@ class DecodeBatch:
         dev = block_table.device
 
         def dev_tensor(values, dtype):
-            return torch.tensor(values, dtype=dtype, device=dev)
+            return host_to_device(values, dtype, dev)
 
         return cls(rows=dev_tensor([query_start_loc[i] for i in dec], torch.long),
                    seq_lens=dev_tensor([seq_lens[i] for i in dec], torch.int32),

@@ -156,7 +156,8 @@ def _budget(b) -> str:
 
 
 def make_table(rows: list[dict]) -> str:
-    """Markdown table: one line per (backend, budget), throughput columns per case."""
+    """Markdown table: one line per (backend, budget), throughput columns per case (decode:
+    whole decode, and in parentheses the steady state with every request decoding)."""
     keys: list[tuple[str, object]] = []
     by: dict[tuple[str, object], dict] = {}
     for r in rows:
@@ -170,6 +171,9 @@ def make_table(rows: list[dict]) -> str:
         by[k].setdefault("kv_gib", r.get("kv_gib"))
         if r.get("case") in TABLE_CASES:
             v = r.get("prefill_tok_s") if r.get("kind") == "prefill" else r.get("decode_tok_s")
+            steady = r.get("steady_decode_tok_s")
+            if steady is not None and steady == steady and r.get("kind") != "prefill":
+                v = f"{_fmt(v)} ({_fmt(steady)})"
             by[k][r["case"]] = "ERR" if r.get("error") else v
     cases = [c for c in TABLE_CASES if any(c in v for v in by.values())]
     head = ["backend", "budget", "KV tokens", "B/token", "KV GiB", "fit 32K", *[
@@ -266,7 +270,8 @@ class EngineTiming:
 
     def step_run(self, llm, prompts: list[dict], sp, profile_steps: int = 0) -> dict:
         """Timed run through the engine's step loop: prefill = until every request has a token,
-        decode = from then to the last token. ``profile_steps`` > 0: the first that many steps
+        decode = from then to the last token; ``steady_decode_tok_s`` stops at the first request
+        to finish (the full batch only). ``profile_steps`` > 0: the first that many steps
         after every request has its first token (all requests decoding: requests finish at
         different times, so the last steps run a shrinking batch) run under a kernel profile
         (``row["profile"]``); the decode time starts after them."""
@@ -274,7 +279,7 @@ class EngineTiming:
 
         eng = llm.llm_engine
         prof, prof_row, steps_left = None, {}, None
-        t_prof = tok_prof = None
+        t_prof = tok_prof = t_done = tok_done = None
         t0 = time.perf_counter()
         ids = []
         for i, p in enumerate(prompts):
@@ -297,6 +302,8 @@ class EngineTiming:
                 counts[o.request_id] = n
                 if n > 0 and o.request_id not in first:
                     first[o.request_id] = now - t0
+            if t_done is None and any(c >= sp.max_tokens for c in counts.values()):
+                t_done, tok_done = now, sum(counts.values())  # the batch starts to shrink
             if t_all_first is None and len(first) >= len(prompts):
                 t_all_first = now
                 tok_all_first = sum(counts.values())
@@ -322,9 +329,14 @@ class EngineTiming:
         start, start_tok = ((t_prof, tok_prof) if t_prof is not None
                             else (t_all_first, tok_all_first))
         dec_s = now - start
+        # steady state: every request decoding (until the first one finishes); requests that
+        # started decoding at different times leave the batch one by one afterwards
+        steady_s = t_done - start if t_done is not None else math.nan
+        steady = ((tok_done - start_tok) / steady_s if steady_s > 0 else math.nan)
         return {"prefill_s": t_all_first - t0, "total_s": now - t0, "decode_s": dec_s,
                 "tokens": total, "decode_tokens": total - start_tok,
                 "decode_tok_s": (total - start_tok) / dec_s if dec_s > 0 else math.nan,
+                "steady_decode_tok_s": steady,
                 "ttft_mean_s": sum(first.values()) / max(len(first), 1),
                 "ttft_max_s": max(first.values(), default=math.nan), **prof_row}
 

@@ -206,7 +206,7 @@ def test_stream_stats_and_tables(serving):
         {"backend": "FLASH_ATTN", "budget": None, "case": "capacity", "kind": "capacity",
          "capacity_tokens": 780000, "bytes_per_token": 131072, "fit32k": 23, "kv_gib": 95.2},
         {"backend": "FLASH_ATTN", "budget": None, "case": "decode8k", "kind": "decode",
-         "decode_tok_s": 1750.0},
+         "decode_tok_s": 1750.0, "steady_decode_tok_s": 1812.4},
         {"backend": "thrift-auto", "budget": 0.05, "case": "prefill32k", "kind": "prefill",
          "prefill_tok_s": 30000.0, "capacity_tokens": 600000},
         {"backend": "thrift-auto", "budget": 0.05, "case": "decode8k", "kind": "decode",
@@ -214,7 +214,7 @@ def test_stream_stats_and_tables(serving):
     ]
     table = serving.make_table(rows).splitlines()
     assert "prefill32k tok/s" in table[0] and "decode8k tok/s" in table[0]
-    assert "780,000" in table[2] and "1,750" in table[2]
+    assert "780,000" in table[2] and "1,750 (1,812)" in table[2]
     assert "| 0.05 |" in table[3] and "30,000" in table[3] and "ERR" in table[3]
     sweep = serving.make_sweep_table([
         {"backend": "FLASH_ATTN", "budget": None, "concurrency": 8, "requests": 16,
@@ -268,22 +268,22 @@ class _Out:
 
 
 class _FakeEngine:
-    """Every request gets its first token at step 2, then one token per step."""
+    """Request i gets its first token at step 2 + i * stagger, then one token per step."""
 
-    def __init__(self):
-        self.reqs, self.t = {}, 0
+    def __init__(self, stagger: int = 0):
+        self.reqs, self.t, self.stagger = {}, 0, stagger
 
     def add_request(self, rid, prompt, sp):
-        self.reqs[rid] = [0, sp.max_tokens]
+        self.reqs[rid] = [0, sp.max_tokens, 2 + len(self.reqs) * self.stagger]
 
     def has_unfinished_requests(self):
-        return any(n < m for n, m in self.reqs.values())
+        return any(n < m for n, m, _ in self.reqs.values())
 
     def step(self):
         self.t += 1
         outs = []
         for rid, r in self.reqs.items():
-            if self.t >= 2 and r[0] < r[1]:
+            if self.t >= r[2] and r[0] < r[1]:
                 r[0] += 1
                 outs.append(_Out(rid, r[0]))
         return outs
@@ -349,3 +349,29 @@ def test_decode_graphs_setting(serving):
     cmd = sw.server_cmd({"backend": "thrift-auto", "budget": None}, 8000)
     assert json.loads(cmd[cmd.index("--additional-config") + 1])["thrift_vllm"] == {
         "impl": "triton", "cuda_graphs": False}
+
+
+def test_step_run_steady_state_excludes_the_shrinking_tail(serving, monkeypatch):
+    """Requests that start decoding 3 steps apart finish 3 steps apart: the steady rate covers
+    only the steps where all of them decode (3 tokens per step, one per request)."""
+    import time
+
+    clock = {"t": 0.0}
+    eng = _FakeEngine(stagger=3)
+    plain_step = eng.step
+
+    def tick():  # one engine step = 1 s of fake time
+        clock["t"] += 1.0
+        return plain_step()
+
+    eng.step = tick
+    monkeypatch.setattr(time, "perf_counter", lambda: clock["t"])
+    sp = type("SP", (), {"max_tokens": 20})()
+    timing = serving.EngineTiming()
+    timing.seed = 0
+    res = timing.step_run(type("L", (), {"llm_engine": eng})(),
+                          [{"prompt_token_ids": [1]}] * 3, sp)
+    # all decoding from step 8 (the third request's first token) to step 21 (the first done):
+    # 12 tokens at step 8, 51 at step 21
+    assert res["steady_decode_tok_s"] == pytest.approx(39 / 13)
+    assert res["decode_tok_s"] < res["steady_decode_tok_s"]  # the whole decode has the tail

@@ -160,6 +160,22 @@ def dump_json(path: str | os.PathLike, payload: dict) -> None:
     tmp.replace(out)
 
 
+def thrift_config(args, budget: float | None) -> dict:
+    """The backend's ``additional_config["thrift_vllm"]`` from the scripts' flags: ``impl``,
+    ``cuda_graphs`` (:func:`decode_graphs_setting`), ``bulk_math`` when not bf16, and
+    ``fp16_budget`` when ``budget`` is given (otherwise the backend's default)."""
+    cfg = {"impl": args.impl}
+    graphs = decode_graphs_setting(args)
+    if graphs is not None:  # FULL graphs of pure-decode steps, or piecewise
+        cfg["cuda_graphs"] = graphs
+    bulk_math = getattr(args, "bulk_math", "bf16")
+    if bulk_math != "bf16":  # prefill's FP4 blocks on e4m3 operands
+        cfg["bulk_math"] = bulk_math
+    if budget is not None:
+        cfg["fp16_budget"] = budget
+    return cfg
+
+
 def decode_graphs_setting(args) -> bool | None:
     """Backend config ``cuda_graphs`` from ``--full-decode-graphs`` / ``--piecewise-decode``:
     True / False, or None (leave the backend's default: FULL graphs since 2026-11-30)."""

@@ -17,12 +17,12 @@ import traceback
 from collections.abc import Callable, Sequence
 
 from vllm_bench_common import (
-    decode_graphs_setting,
     dump_json,
     engine_capacity,
     free_gpu,
     make_dummy_llama8b,
     make_tiny,
+    thrift_config,
 )
 
 TIE_TOL = 0.05  # nats: a flipped token is accepted if both engines rank the pair this close
@@ -320,11 +320,7 @@ class RunnerBase:
         return kw
 
     def thrift_config(self, budget: float) -> dict:
-        cfg = {"fp16_budget": budget, "impl": self.args.impl}
-        graphs = decode_graphs_setting(self.args)
-        if graphs is not None:  # FULL graphs of pure-decode steps, or piecewise
-            cfg["cuda_graphs"] = graphs
-        return {"thrift_vllm": cfg}
+        return {"thrift_vllm": thrift_config(self.args, budget)}
 
     def with_engine(self, name: str, kwargs: dict, body: Callable[[object], None],
                     checks_if_down: Sequence[str]) -> None:

@@ -68,61 +68,68 @@ def summarize(kernels: list[tuple[str, float, int]], steps: int, top: int = 12) 
 
 
 class KernelProfile:
-    """torch.profiler over CUDA kernels, started and stopped around engine steps."""
+    """torch.profiler over CUDA kernels, started and stopped around engine steps. Errors are
+    recorded in the row (``profile_error``), never raised: a profile must not lose the run."""
 
     def __init__(self) -> None:
         self._prof = None
 
-    def start(self) -> None:
-        import torch
+    def start(self, into: dict) -> bool:
+        """Start profiling; False (and ``into["profile_error"]``) if it could not start."""
+        try:
+            import torch
 
-        act = torch.profiler.ProfilerActivity
-        # CPU activity only where there is no GPU (the CPU dry run): CPU ops would otherwise
-        # be counted as if they were kernels.
-        self._prof = torch.profiler.profile(
-            activities=[act.CUDA] if torch.cuda.is_available() else [act.CPU],
-            record_shapes=False)
-        self._prof.__enter__()
+            act = torch.profiler.ProfilerActivity
+            # CPU activity only where there is no GPU (the CPU dry run): CPU ops would otherwise
+            # be counted as if they were kernels.
+            self._prof = torch.profiler.profile(
+                activities=[act.CUDA] if torch.cuda.is_available() else [act.CPU],
+                record_shapes=False)
+            self._prof.__enter__()
+            return True
+        except Exception as e:
+            into["profile_error"] = f"{type(e).__name__}: {e}"
+            self._prof = None
+            return False
 
-    def stop(self, steps: int) -> dict:
-        import torch
+    def stop(self, steps: int, into: dict) -> None:
+        """Stop and put the kernels' summary over ``steps`` steps in ``into["profile"]``."""
+        if self._prof is None:
+            return
+        try:
+            import torch
 
-        cuda = torch.cuda.is_available()
-        if cuda:
-            torch.cuda.synchronize()
-        self._prof.__exit__(None, None, None)
-        kernels = []
-        for e in self._prof.key_averages():
+            cuda = torch.cuda.is_available()
             if cuda:
-                us = getattr(e, "device_time_total", None)
-                if us is None:  # older torch
-                    us = getattr(e, "cuda_time_total", 0.0)
-            else:
-                us = e.self_cpu_time_total
-            if us and us > 0:
-                kernels.append((e.key, float(us), int(e.count)))
-        self._prof = None
-        return summarize(kernels, steps)
+                torch.cuda.synchronize()
+            self._prof.__exit__(None, None, None)
+            kernels = []
+            for e in self._prof.key_averages():
+                if cuda:
+                    us = getattr(e, "device_time_total", None)
+                    if us is None:  # older torch
+                        us = getattr(e, "cuda_time_total", 0.0)
+                else:
+                    us = e.self_cpu_time_total
+                if us and us > 0:
+                    kernels.append((e.key, float(us), int(e.count)))
+            into["profile"] = summarize(kernels, max(steps, 1))
+        except Exception as e:
+            into["profile_error"] = f"{type(e).__name__}: {e}"
+        finally:
+            self._prof = None
 
 
 @contextmanager
 def profiled(steps: int, into: dict):
     """``with profiled(n, row): ...`` -> ``row["profile"]`` = the kernels' summary over n
-    steps (an error is recorded, never raised: a profile must not lose the run)."""
+    steps (or ``row["profile_error"]``)."""
     prof = KernelProfile()
-    try:
-        prof.start()
-    except Exception as e:
-        into["profile_error"] = f"{type(e).__name__}: {e}"
-        yield
-        return
+    prof.start(into)
     try:
         yield
     finally:
-        try:
-            into["profile"] = prof.stop(steps)
-        except Exception as e:
-            into["profile_error"] = f"{type(e).__name__}: {e}"
+        prof.stop(steps, into)
 
 
 def profile_table(rows: list[dict]) -> str:

@@ -19,10 +19,10 @@ from pathlib import Path
 
 from vllm_bench_common import (
     LP_QUALNAME,
-    decode_graphs_setting,
     ensure_plugin_entry_point,
     free_gpu,
     set_env_defaults,
+    thrift_config,
 )
 from vllm_serving_lib import (
     BACKENDS,
@@ -68,14 +68,7 @@ class Sweep:
         if a.eager:
             cmd += ["--enforce-eager"]
         if be["thrift"]:
-            cfg = {"impl": a.impl}
-            graphs = decode_graphs_setting(a)
-            if graphs is not None:
-                cfg["cuda_graphs"] = graphs
-            if a.bulk_math != "bf16":
-                cfg["bulk_math"] = a.bulk_math
-            if plan["budget"] is not None:
-                cfg["fp16_budget"] = plan["budget"]
+            cfg = thrift_config(a, plan["budget"])
             cmd += ["--additional-config", json.dumps({"thrift_vllm": cfg})]
             if a.budget_mode == "request":
                 cmd += ["--logits-processors", LP_QUALNAME]

@@ -24,9 +24,10 @@ decode at full occupancy, preemptions counted). ``--quick``: prefill 2 x 8K, dec
 ``max_model_len`` 16K.
 
 ``--profile-steps N`` (benchmarks/vllm_profile.py): where the GPU time goes. The engine runs
-in-process; the last N decode steps of each decode case (not counted in its throughput) and one
-extra untimed run of each prefill case are profiled, and each row gets kernel milliseconds per
-step by group (thrift selection / decode / prefill / KV write, FlashAttention, GEMM, ...).
+in-process; the first N decode steps after every request has its first token (not counted in
+the case's throughput) and one extra untimed run of each prefill case are profiled, and each
+row gets kernel milliseconds per step by group (thrift selection / decode / prefill / KV
+write, FlashAttention, GEMM, ...).
 
 One device call is < 10 minutes and an engine start costs 40-90 s (8B dummy, compile + graphs),
 so split the work; ``--time-budget`` (default 560 s) skips engines/cases that would not fit and
@@ -76,12 +77,12 @@ if str(HERE) not in sys.path:  # loaded by file path (the tests): find the sibli
 from vllm_bench_common import (  # noqa: E402
     LP_QUALNAME,
     counters,
-    decode_graphs_setting,
     dump_json,
     engine_capacity,
     ensure_plugin_entry_point,
     free_gpu,
     set_env_defaults,
+    thrift_config,
 )
 from vllm_profile import profile_table, profiled  # noqa: E402
 from vllm_server_sweep import Sweep  # noqa: E402
@@ -149,15 +150,7 @@ class Bench(EngineTiming):
         if a.block_size:
             kw["block_size"] = a.block_size
         if be["thrift"]:
-            cfg = {"impl": a.impl}
-            graphs = decode_graphs_setting(a)
-            if graphs is not None:  # FULL graphs of pure-decode steps, or piecewise
-                cfg["cuda_graphs"] = graphs
-            if a.bulk_math != "bf16":
-                cfg["bulk_math"] = a.bulk_math  # prefill's FP4 blocks on e4m3 operands
-            if plan["budget"] is not None:
-                cfg["fp16_budget"] = plan["budget"]
-            kw["additional_config"] = {"thrift_vllm": cfg}
+            kw["additional_config"] = {"thrift_vllm": thrift_config(a, plan["budget"])}
             if a.budget_mode == "request":
                 kw["logits_processors"] = [LP_QUALNAME]
         return kw

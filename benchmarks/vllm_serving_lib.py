@@ -247,15 +247,6 @@ def resolve_model(arg: str, work: str) -> tuple[str, dict]:
 # ---------------------------------------------------------------------------------------------
 # Timed engine runs (vLLM imported lazily)
 # ---------------------------------------------------------------------------------------------
-def _stop(prof, steps: int, into: dict) -> None:
-    """Stop a KernelProfile over ``steps`` steps into ``into["profile"]`` (errors recorded)."""
-    if prof is not None:
-        try:
-            into["profile"] = prof.stop(max(steps, 1))
-        except Exception as e:
-            into["profile_error"] = f"{type(e).__name__}: {e}"
-
-
 class EngineTiming:
     """Timed runs of vllm_serving.Bench (``self.seed`` numbers the step-loop requests)."""
 
@@ -309,19 +300,16 @@ class EngineTiming:
                 tok_all_first = sum(counts.values())
                 if profile_steps > 0:
                     prof, steps_left = KernelProfile(), profile_steps
-                    try:
-                        prof.start()
-                    except Exception as e:
-                        prof_row["profile_error"] = f"{type(e).__name__}: {e}"
+                    if not prof.start(prof_row):  # error recorded; the window is still skipped
                         prof = None
             elif steps_left is not None and steps_left > 0:
                 steps_left -= 1
                 if steps_left == 0:  # window done: the decode time starts here
                     t_prof, tok_prof = now, sum(counts.values())
-                    _stop(prof, profile_steps, prof_row)
+                    prof.stop(profile_steps, prof_row)
                     prof = None
         if prof is not None:  # the run ended inside the window: nothing left to time
-            _stop(prof, profile_steps - steps_left, prof_row)
+            prof.stop(profile_steps - steps_left, prof_row)
             t_prof, tok_prof = now, sum(counts.values())
         total = sum(counts.values())
         if t_all_first is None:

@@ -86,6 +86,7 @@ def build_parser():
 
     make_arg_parser = openai_server_api()["make_arg_parser"]
 
+    from thrift_vllm.backend.config import BACKEND_BULK_MATHS
     from thrift_vllm.selection import SELECTIONS
 
     parser = FlexibleArgumentParser(
@@ -113,7 +114,7 @@ def build_parser():
     g.add_argument("--selection", choices=tuple(SELECTIONS), default=None,
                    help="block selection of the backend; when unset: additional_config, "
                    "THRIFT_VLLM_SELECTION, else block_mean")
-    g.add_argument("--bulk-math", choices=("bf16", "fp8"), default=None,
+    g.add_argument("--bulk-math", choices=BACKEND_BULK_MATHS, default=None,
                    help="prefill arithmetic of the FP4 blocks on the Triton path: bf16 (exact "
                    "FP4 semantics) or fp8 (faster on Hopper, approximate); default bf16")
     g.add_argument("--no-budget-cache-salt", action="store_true",

@@ -294,12 +294,13 @@ def test_step_run_profiles_the_last_steps_and_leaves_them_out(serving, monkeypat
     calls = []
 
     class FakeProfile:
-        def start(self):
+        def start(self, into):
             calls.append(("start", eng.t))
+            return True
 
-        def stop(self, steps):
+        def stop(self, steps, into):
             calls.append(("stop", eng.t, steps))
-            return {"steps": steps}
+            into["profile"] = {"steps": steps}
 
     monkeypatch.setattr(prof, "KernelProfile", FakeProfile)
     eng = _FakeEngine()

@@ -17,11 +17,11 @@ from thrift_vllm.ops.quantize import dequantize_fp4, quantize_fp4, triton_interp
 from thrift_vllm.selection import BlockGrid, budget_to_k
 
 LOG2E = 1.4426950408889634
-# Prefill launch per bulk_math: H200 sweep at 32K (BENCHMARKS.md) for bf16/fp8; native from the
-# sm_120 AOT compile (8 warps avoid the register spills 4 warps show).
 # Split partials the decode reduce merges per step of its loop (kernels/decode.py
 # _merge_splits): a fixed width, so the reduce compiles once whatever the split count.
 SPLIT_CHUNK = 32
+# Prefill launch per bulk_math: H200 sweep at 32K (BENCHMARKS.md) for bf16/fp8; native from the
+# sm_120 AOT compile (8 warps avoid the register spills 4 warps show).
 PREFILL_LAUNCH = {
     "bf16": {"num_warps": 4, "num_stages": 3},
     "fp8": {"num_warps": 4, "num_stages": 3},

@@ -365,6 +365,8 @@ def main() -> int:
                     help="timing sections after the check: decode, prefill (2K chunk)")
     ap.add_argument("--chunk", type=int, default=2048, help="prefill chunk (queries)")
     ap.add_argument("--prefill-contexts", default="8192,32768,131072")
+    ap.add_argument("--probe-cases", default=",".join(f"{b}x{c}" for b, c in PROBE_CASES),
+                    help="probe section: comma list of BATCHxCONTEXT")
     ap.add_argument("--prefill-maths", default="bf16,fp8",
                     help="bulk_math of the FP4 layouts' prefill rows (fp16 runs bf16 only)")
     ap.add_argument("--dry-run", action="store_true",
@@ -407,7 +409,8 @@ def main() -> int:
                     emit(a.out, dict(section="decode", layout=kvl, batch=B, context=ctx,
                                      skipped=True, reason=f"{type(e).__name__}: {e}"[:300]))
                 torch.cuda.empty_cache()
-    for B, ctx in PROBE_CASES if "probe" in sections else []:
+    probe_cases = [tuple(int(v) for v in x.split("x")) for x in a.probe_cases.split(",")]
+    for B, ctx in probe_cases if "probe" in sections else []:
         for kvl in ("nvfp4", "auto"):
             if time.time() - T0 > a.budget_s:
                 continue

@@ -46,6 +46,9 @@ CASES = {
     "prefill32k": Case("prefill32k", "prefill", 4, 32768, 1, 25),
     "decode8k": Case("decode8k", "decode", 16, 8192, 256, 25),
     "decode32k": Case("decode32k", "decode", 16, 32768, 256, 70),
+    # One request: the latency side (the server sweep's concurrency 1), where per-step fixed
+    # costs (selection, split reduce, host work) weigh most.
+    "decode1x32k": Case("decode1x32k", "decode", 1, 32768, 256, 15),
     "decode128k": Case("decode128k", "decode", 4, 131072, 256, 150),
     "fit32k": Case("fit32k", "fit", 0, 32768, 64, 200),
 }
@@ -54,8 +57,8 @@ QUICK_CASES = {
     "prefill8k": Case("prefill8k", "prefill", 2, 8192, 1, 5),
     "decode4k": Case("decode4k", "decode", 8, 4096, 64, 8),
 }
-TABLE_CASES = ("prefill32k", "prefill8k", "decode8k", "decode4k", "decode32k", "decode128k",
-               "fit32k")
+TABLE_CASES = ("prefill32k", "prefill8k", "decode8k", "decode4k", "decode1x32k", "decode32k",
+               "decode128k", "fit32k")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -640,3 +640,70 @@ def test_triton_quantize_tiny_mx_scales():
     from thrift_vllm.ops.quantize import quantize_fp4
 
     assert quantize_fp4(x, "mxfp4").scales[:, 0].tolist() == [1, 1, 1, 0]
+
+
+# ----------------------------------------------------------------------------------------------
+# The Hopper decode's inline-PTX FP4 conversion (kernels/fp4.py), run by a tiny PTX emulator:
+# the interpreter never executes inline asm, so without this only the GPU would check it.
+# ----------------------------------------------------------------------------------------------
+
+
+def _run_ptx(asm: str, word: int) -> list[int]:
+    """Execute the straight-line PTX of `_e2m1x2_f16_div64` on one packed word ($4); returns the
+    four output registers $0..$3 (f16x2 bit patterns). Knows exactly the instructions it uses."""
+    regs: dict[str, int] = {"$4": word}
+
+    def val(tok: str) -> int:
+        return int(tok, 16) if tok.startswith("0x") else (int(tok) if tok.isdigit() else regs[tok])
+
+    def f16_bits(x: float) -> int:
+        return int(torch.tensor(x, dtype=torch.float16).view(torch.int16)) & 0xFFFF
+
+    for line in asm.splitlines():
+        line = line.strip().rstrip(";")
+        if not line or line[0] in "{}." or line.startswith(".reg"):
+            continue
+        op, args = line.split(None, 1)
+        if op == "mov.b32":  # mov.b32 {lo16, hi16}, src
+            halves, src = args.split("},")
+            lo, hi = (h.strip(" {") for h in halves.split(","))
+            regs[lo], regs[hi] = regs[src.strip()] & 0xFFFF, regs[src.strip()] >> 16
+            continue
+        d, *srcs = (a.strip() for a in args.split(","))
+        x = [val(s) for s in srcs]
+        if op == "shl.b32":
+            regs[d] = (x[0] << x[1]) & 0xFFFFFFFF
+        elif op == "shr.b32":
+            regs[d] = x[0] >> x[1]
+        elif op == "and.b32":
+            regs[d] = x[0] & x[1]
+        elif op == "or.b32":
+            regs[d] = x[0] | x[1]
+        elif op == "cvt.rn.f16x2.e4m3x2":  # low byte -> low half
+            lo, hi = E4M3[x[0] & 0xFF], E4M3[x[0] >> 8]
+            regs[d] = f16_bits(lo) | (f16_bits(hi) << 16)
+        else:
+            raise AssertionError(f"emulator does not know {op!r}")
+    return [regs[f"${i}"] for i in range(4)]
+
+
+def test_ptx_e2m1_to_f16_via_e4m3_is_exact():
+    """Every nibble of random packed words decodes to its e2m1 value / 64 (fp16 bits), with the
+    output order the kernel expects: $0/$1 the low nibbles of bytes 0-1 / 2-3, $2/$3 the high."""
+    import inspect
+
+    from thrift_vllm.kernels import fp4
+
+    src = inspect.getsource(fp4._e2m1x2_f16_div64.fn)
+    asm = re.search(r'asm="""(.*?)"""', src, re.S).group(1)
+    gen = torch.Generator().manual_seed(7)
+    words = torch.randint(0, 2**32, (300,), generator=gen, dtype=torch.int64).tolist()
+    words += [int.from_bytes(bytes([b, b ^ 0xFF, (b * 7) & 0xFF, 255 - b]), "little")
+              for b in range(256)]  # every byte value, in every position
+    for w in words:
+        out = _run_ptx(asm, w)
+        halves = [(r >> (16 * i)) & 0xFFFF for r in out for i in (0, 1)]
+        got = torch.tensor(halves, dtype=torch.int32).to(torch.int16).view(torch.float16)
+        by = w.to_bytes(4, "little")
+        want = [E2M1[b & 15] / 64 for b in by] + [E2M1[b >> 4] / 64 for b in by]
+        assert got.tolist() == want, hex(w)

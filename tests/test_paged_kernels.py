@@ -232,7 +232,8 @@ def test_decode_launch_variants(ci):
               num_fp16_blocks=_dev(torch.tensor(ks, dtype=torch.int32)), scale=D**-0.5)
     args = (lay, cache, _dev(b.query), _dev(b.key), _dev(b.value))
     one = {"target_programs": 1}  # one split per (sequence, KV head): the loop sees every unit
-    for launch in ({}, one, {"target_programs": 4096, "num_warps": 8, "maxnreg": 128}):
+    many = {"target_programs": 4096, "num_warps": 8, "maxnreg": 128, "min_tiles_per_split": 1}
+    for launch in ({}, one, many, {"min_tiles_per_split": 3}):
         out = paged_decode_triton(*args, launch=launch, **kw).cpu()
         for i in range(len(seq_lens)):
             assert _rel(out[i], ref[i]) < TOL[dt], (launch, i, _rel(out[i], ref[i]))
@@ -265,7 +266,8 @@ def test_decode_reduce_merges_many_splits(ci):
                               block_table=_dev(b.block_table),
                               seq_lens=_dev(torch.tensor(seq_lens, dtype=torch.int32)),
                               num_fp16_blocks=_dev(torch.tensor(ks, dtype=torch.int32)),
-                              scale=D**-0.5, launch={"target_programs": 4096}).cpu()
+                              scale=D**-0.5,
+                              launch={"target_programs": 4096, "min_tiles_per_split": 1}).cpu()
     for i in range(len(seq_lens)):
         assert _rel(out[i], ref[i]) < TOL[dt], (i, _rel(out[i], ref[i]))
 
@@ -427,3 +429,28 @@ def test_paged_kernels_compile_for_hopper():
                                            "_paged_topk_kernel", "_paged_decode_kernel",
                                            "_paged_reduce_kernel"}
     assert all(r.get("stack", 0) == 0 for r in rows if "decode" not in r["kernel"])
+
+
+def test_decode_split_plan_min_tiles():
+    """The launch policy in plain numbers: the program target sets the split count for large
+    batches; small batches get at least ``min_tiles_per_split`` units per program; every unit
+    is covered exactly by splits * per >= units > (splits - 1) * per; bad knobs raise."""
+    from thrift_vllm.ops.attention import decode_split_plan
+    from thrift_vllm.ops.paged_attention import PAGED_DECODE_LAUNCH
+
+    target, floor = PAGED_DECODE_LAUNCH["target_programs"], PAGED_DECODE_LAUNCH[
+        "min_tiles_per_split"]
+    n = 532  # 34K max_model_len / 64-token units: the engine's block-table width
+    assert decode_split_plan(1, 8, n, target) == (178, 3)  # no floor: ~3 units per program
+    splits, per = decode_split_plan(1, 8, n, target, floor)
+    assert per == floor and splits == -(-n // floor)
+    for batch in (4, 16, 64):  # the floor does not bind once the target spreads thin enough
+        assert decode_split_plan(batch, 8, n, target, floor) == decode_split_plan(batch, 8, n,
+                                                                                  target)
+    for batch, units, mins in ((1, 1, 8), (3, 65, 8), (2, 7, 1), (1, 200, 16)):
+        splits, per = decode_split_plan(batch, 8, units, target, mins)
+        assert splits * per >= units > (splits - 1) * per
+        assert per >= mins
+    for bad in ((0, 1), (1, 0)):
+        with pytest.raises(ValueError, match="must be >= 1"):
+            decode_split_plan(1, 8, n, *bad)

@@ -32,10 +32,16 @@ DECODE_TARGET_PROGRAMS = 264
 
 
 def decode_split_plan(batch: int, num_kv_heads: int, num_kv_blocks: int,
-                      target_programs: int = DECODE_TARGET_PROGRAMS) -> tuple[int, int]:
-    """(num_splits, tiles_per_split) for the split-KV decode: plain arithmetic, no tensors."""
+                      target_programs: int = DECODE_TARGET_PROGRAMS,
+                      min_tiles_per_split: int = 1) -> tuple[int, int]:
+    """(num_splits, tiles_per_split) for the split-KV decode: plain arithmetic, no tensors.
+    About ``target_programs`` (batch, KV head, split) programs, each walking at least
+    ``min_tiles_per_split`` tiles (small batches: fewer, longer programs)."""
+    if target_programs < 1 or min_tiles_per_split < 1:
+        raise ValueError(f"target_programs {target_programs} and min_tiles_per_split "
+                         f"{min_tiles_per_split} must be >= 1")
     want = max(1, math.ceil(target_programs / max(1, batch * num_kv_heads)))
-    per = max(1, math.ceil(num_kv_blocks / want))
+    per = max(1, min_tiles_per_split, math.ceil(num_kv_blocks / want))
     return math.ceil(num_kv_blocks / per), per
 
 

@@ -32,8 +32,12 @@ from thrift_vllm.selection import BlockGrid, budget_to_k
 # "Paged decode, second pass" and "Third H200 pass"). The FP4 tiles are ALU- and latency-bound,
 # so programs per SM matter: ~16 per SM (target_programs) and a 128-register cap (four CTAs of
 # 4 warps per SM) had the best geometric mean over 8 cases (1.06x the 1056 / 168 launch on the
-# large ones); 8 warps lost everywhere, 2 warps did not win overall.
-PAGED_DECODE_LAUNCH = {"target_programs": 2112, "num_warps": 4, "num_stages": 2, "maxnreg": 128}
+# large ones); 8 warps lost everywhere, 2 warps did not win overall. At batch 1 the target
+# gives ~2 units per program, and programs of 8 units were faster in 5 of 6 probe series (sixth
+# session, BENCHMARKS.md "Fourth H200 pass"): min_tiles_per_split 8, which leaves batches >= 4
+# at 32K untouched.
+PAGED_DECODE_LAUNCH = {"target_programs": 2112, "num_warps": 4, "num_stages": 2, "maxnreg": 128,
+                       "min_tiles_per_split": 8}
 _TILE = 4096  # fp32 summary elements per score program: [BLOCK_N, D] (two tiles for quest)
 
 
@@ -151,7 +155,8 @@ def paged_decode_triton(
     k_sel = sel.shape[-1]
     sel_arg = sel if k_sel else torch.full((1, 1, 1), -1, dtype=torch.int32, device=query.device)
     n_max = _max_units(layout, block_table)
-    splits, per = decode_split_plan(B, Hkv, n_max, cfg["target_programs"])
+    splits, per = decode_split_plan(B, Hkv, n_max, cfg["target_programs"],
+                                    cfg.get("min_tiles_per_split", 1))
     acc = torch.empty(B, Hq, splits, D, dtype=torch.float32, device=query.device)
     ml = torch.empty(B, Hq, splits, 2, dtype=torch.float32, device=query.device)
     offs = region_offsets(layout)

@@ -33,9 +33,10 @@ from thrift_vllm.selection import BlockGrid, budget_to_k
 # so programs per SM matter: ~16 per SM (target_programs) and a 128-register cap (four CTAs of
 # 4 warps per SM) had the best geometric mean over 8 cases (1.06x the 1056 / 168 launch on the
 # large ones); 8 warps lost everywhere, 2 warps did not win overall. At batch 1 the target
-# gives ~2 units per program, and programs of 8 units were faster in 5 of 6 probe series (sixth
-# session, BENCHMARKS.md "Fourth H200 pass"): min_tiles_per_split 8, which leaves batches >= 4
-# at 32K untouched.
+# gives ~2-3 units per program; a floor of 8 (min_tiles_per_split) made the graph-replayed
+# batch-1 32K kernel 1.43x (nvfp4) / 1.55x (auto) faster and left 16 x 32K and 1 x 128K as they
+# were (BENCHMARKS.md "Fourth H200 pass", call 8). A floor, not a lower target: the plan sees
+# the block-table width (max_model_len), not the context.
 PAGED_DECODE_LAUNCH = {"target_programs": 2112, "num_warps": 4, "num_stages": 2, "maxnreg": 128,
                        "min_tiles_per_split": 8}
 _TILE = 4096  # fp32 summary elements per score program: [BLOCK_N, D] (two tiles for quest)

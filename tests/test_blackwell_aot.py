@@ -35,7 +35,7 @@ from pathlib import Path
 
 import pytest
 
-from thrift_vllm.ops import aot
+from thrift_vllm.ops import aot, sass
 from thrift_vllm.ops.aot import AotConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -163,7 +163,7 @@ def _compile_all(configs: list[AotConfig]) -> dict[AotConfig, dict]:
 
 @pytest.fixture(scope="module")
 def aot_results(request) -> dict[AotConfig, dict]:
-    problem = aot.toolchain_problem()
+    problem = sass.toolchain_problem()
     if problem:
         pytest.skip(problem)
     return _compile_all(_selected_configs(request))

@@ -415,9 +415,9 @@ def test_paged_kernels_compile_for_hopper():
     import subprocess
     import sys
 
-    from thrift_vllm.ops import aot
+    from thrift_vllm.ops import sass
 
-    problem = aot.toolchain_problem()
+    problem = sass.toolchain_problem()
     if problem:
         pytest.skip(problem)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

@@ -150,3 +150,23 @@ def _env_values(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
             raise ValueError(f"{ENV_PREFIX}{f.name.upper()} must be a {convert.__name__}, "
                              f"got {raw!r}") from None
     return out
+
+
+# The config of the engine this process builds. vLLM calls the spec and block-size hooks outside
+# its current-config context, so the Impl (built inside it, before any spec) records it here.
+_engine_config: ThriftBackendConfig | None = None
+
+
+def record_engine_config(config: ThriftBackendConfig) -> None:
+    """Remember ``config`` as this process's engine config (called by the Impl)."""
+    global _engine_config
+    _engine_config = config
+
+
+def engine_config(vllm_config: Any) -> ThriftBackendConfig:
+    """The config of ``vllm_config`` (vLLM's current one); without one, the recorded engine's,
+    else defaults and environment (no engine: unit tests, tools)."""
+    if vllm_config is None and _engine_config is not None:
+        return _engine_config
+    return ThriftBackendConfig.from_vllm_config(vllm_config)
+

@@ -78,3 +78,18 @@ def startup_line(head_size: int, num_kv_heads: int, dtype: torch.dtype,
     return (f"ThriftAttention KV pages ({num_kv_heads} KV heads): " + "; ".join(parts)
             + f". In use: {layout_name(kv_cache_dtype)} (--kv-cache-dtype "
             f"{kv_cache_dtype or 'auto'}).")
+
+
+def spec_kv_cache_dtype(is_nvfp4: bool) -> str:
+    """The kv-cache dtype string a spec was built for, from its quant mode."""
+    return "nvfp4" if is_nvfp4 else "auto"
+
+
+def startup_dtype(spec_dtype: torch.dtype, model_dtype: torch.dtype | None) -> torch.dtype:
+    """The model dtype for the startup line: the spec's, unless it is uint8 (nvfp4 specs),
+    then the model config's, else fp16."""
+    for dt in (spec_dtype, model_dtype):
+        if dt in (torch.float16, torch.bfloat16):
+            return dt
+    return torch.float16
+

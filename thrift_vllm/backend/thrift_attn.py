@@ -27,7 +27,7 @@ from typing import ClassVar
 import torch
 
 from thrift_vllm import paged
-from thrift_vllm.backend import kv_pages, request_budget, stats
+from thrift_vllm.backend import config, kv_pages, request_budget, stats
 from thrift_vllm.backend.compat import (
     AttentionBackend,
     AttentionCGSupport,
@@ -233,14 +233,15 @@ class ThriftAttentionBackend(AttentionBackend):
         if spec.state_content_bytes is not None:  # already ours (or another packer's)
             return spec
         cfg = _config()
-        kv_dtype = _kv_cache_dtype(spec)
+        kv_dtype = kv_pages.spec_kv_cache_dtype(spec.kv_quant_mode.is_nvfp4)
         if spec.block_size > 1 and kv_pages.page_size_problem(spec.block_size, cfg):
             raise ValueError(kv_pages.page_size_problem(spec.block_size, cfg))
         c = kv_pages.bytes_per_head_token(kv_dtype, spec.head_size, spec.dtype, cfg)
         if spec.block_size > 1:  # a real layer spec, not one of vLLM's one-token probes
-            logger.info_once(kv_pages.startup_line(spec.head_size, spec.num_kv_heads,
-                                                   _model_dtype(spec), cfg, kv_dtype,
-                                                   spec.block_size))
+            model_config = getattr(get_current_vllm_config_or_none(), "model_config", None)
+            dtype = kv_pages.startup_dtype(spec.dtype, getattr(model_config, "dtype", None))
+            logger.info_once(kv_pages.startup_line(spec.head_size, spec.num_kv_heads, dtype, cfg,
+                                                   kv_dtype, spec.block_size))
         return replace_spec(spec, state_content_bytes=c)
 
     @classmethod
@@ -314,11 +315,10 @@ class ThriftAttentionImpl(AttentionImpl[ThriftAttentionMetadata]):
         self.attn_type = attn_type
         self.kv_sharing_target_layer_name = kv_sharing_target_layer_name
         # None outside an engine (unit tests): defaults and THRIFT_VLLM_* only
-        global _engine_config
         vllm_config = get_current_vllm_config_or_none()
         self.config = ThriftBackendConfig.from_vllm_config(vllm_config)
         if vllm_config is not None:
-            _engine_config = self.config
+            config.record_engine_config(self.config)
         # A block size the user gave fails here, at model construction. vLLM's own default is
         # replaced by ours (get_preferred_block_size) only after the model is built (CUDA
         # executors call update_block_size_for_backend after load_model), so it is not checked
@@ -395,28 +395,6 @@ class ThriftAttentionImpl(AttentionImpl[ThriftAttentionMetadata]):
         return output
 
 
-_engine_config: ThriftBackendConfig | None = None  # this process's engine (set by the Impl)
-
-
 def _config() -> ThriftBackendConfig:
-    """The backend config of the engine being built. vLLM calls ``customize_spec`` and the
-    block-size hooks outside its current-config context, so the Impl (built inside it, before
-    any spec) records this process's config; defaults and env outside an engine."""
-    vllm_config = get_current_vllm_config_or_none()
-    if vllm_config is None and _engine_config is not None:
-        return _engine_config
-    return ThriftBackendConfig.from_vllm_config(vllm_config)
-
-
-def _kv_cache_dtype(spec: AttentionSpec) -> str:
-    """The kv-cache dtype string a spec was built for (its quant mode; "auto" when none)."""
-    return "nvfp4" if spec.kv_quant_mode.is_nvfp4 else "auto"
-
-
-def _model_dtype(spec: AttentionSpec) -> torch.dtype:
-    """The model dtype for the startup line (nvfp4 specs carry uint8)."""
-    if spec.dtype in (torch.float16, torch.bfloat16):
-        return spec.dtype
-    model_config = getattr(get_current_vllm_config_or_none(), "model_config", None)
-    dtype = getattr(model_config, "dtype", torch.float16)
-    return dtype if dtype in (torch.float16, torch.bfloat16) else torch.float16
+    """The backend config of the engine being built (see ``config.engine_config``)."""
+    return config.engine_config(get_current_vllm_config_or_none())

@@ -28,11 +28,10 @@ import inspect
 import json
 import os
 import re
-import shutil
-import subprocess
 import sys
-import tempfile
 from dataclasses import asdict, dataclass, fields
+
+from thrift_vllm.ops.sass import resource_usage, sass, sass_instructions
 
 # Kept equal to thrift_vllm.formats.GROUP_SIZE (not imported: that module pulls in torch).
 GROUP_SIZE = {"nvfp4": 16, "mxfp4": 32}
@@ -248,69 +247,6 @@ def compile_kernel(cfg: AotConfig):
     fn, args, options = capture_launch(cfg)
     ck, shown = compile_launch(fn, args, options, cfg.arch)
     return ck, shown, options
-
-
-def toolchain_problem() -> str | None:
-    """Why AOT compilation for NVIDIA targets cannot run here (None when it can)."""
-    try:
-        import triton  # noqa: F401
-        from triton.backends import backends
-    except Exception as e:  # pragma: no cover - depends on the installation
-        return f"triton unavailable: {e}"
-    if "nvidia" not in backends:
-        return f"Triton has no CUDA backend (backends: {sorted(backends)})"
-    if cuobjdump_path() is None:
-        return "cuobjdump not found (neither in Triton's wheel nor on PATH)"
-    return None
-
-
-def cuobjdump_path() -> str | None:
-    """The cuobjdump Triton uses (TRITON_CUOBJDUMP_PATH or the one in its wheel), else PATH's."""
-    try:
-        from triton import knobs
-
-        path = knobs.nvidia.cuobjdump.path
-        if path and os.path.exists(path):
-            return path
-    except Exception:
-        pass
-    return shutil.which("cuobjdump")
-
-
-def cuobjdump(cubin: bytes, flag: str = "--dump-sass") -> str:
-    """``cuobjdump <flag>`` of a cubin (``--dump-sass``, ``--dump-resource-usage``, ...)."""
-    tool = cuobjdump_path()
-    if tool is None:
-        raise FileNotFoundError("cuobjdump not found")
-    with tempfile.TemporaryDirectory() as d:
-        path = os.path.join(d, "kernel.cubin")
-        with open(path, "wb") as f:
-            f.write(cubin)
-        return subprocess.run([tool, flag, path], check=True, capture_output=True, text=True).stdout
-
-
-def sass(cubin: bytes) -> str:
-    """``cuobjdump --dump-sass`` of a cubin."""
-    return cuobjdump(cubin, "--dump-sass")
-
-
-def resource_usage(cubin: bytes) -> dict[str, int]:
-    """The kernel's REG / STACK (register spills show up there) / SHARED / LOCAL bytes, as
-    cuobjdump reports them (SHARED is the static part; Triton's is dynamic: see metadata)."""
-    text = cuobjdump(cubin, "--dump-resource-usage")
-    m = re.search(r"Function [^:]+:\s*\n\s*(.*)", text)
-    pairs = re.findall(r"([A-Z]+):(\d+)", m.group(1)) if m else []
-    return {k.lower(): int(v) for k, v in pairs if k in ("REG", "STACK", "SHARED", "LOCAL")}
-
-
-def sass_instructions(text: str) -> list[str]:
-    """The instruction lines of a cuobjdump SASS listing, without addresses and encodings."""
-    out = []
-    for line in text.splitlines():
-        m = re.match(r"\s*/\*[0-9a-f]+\*/\s*(.*?)\s*;", line)
-        if m:
-            out.append(" ".join(m.group(1).split()))
-    return out
 
 
 def _collect(lines: list[str], pattern: re.Pattern) -> dict[str, dict]:

@@ -62,7 +62,8 @@ def capture(kv_layout: str, fmt: str, selection: str, dtype: str = "fp16", D: in
 
 
 def main(argv: list[str] | None = None) -> int:
-    from thrift_vllm.ops.aot import _check_not_interpreted, compile_launch, resource_usage
+    from thrift_vllm.ops.aot import _check_not_interpreted, compile_launch
+    from thrift_vllm.ops.sass import resource_usage
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", type=int, nargs="+", default=[90, 100, 120])

@@ -169,4 +169,3 @@ def engine_config(vllm_config: Any) -> ThriftBackendConfig:
     if vllm_config is None and _engine_config is not None:
         return _engine_config
     return ThriftBackendConfig.from_vllm_config(vllm_config)
-

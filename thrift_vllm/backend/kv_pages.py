@@ -92,4 +92,3 @@ def startup_dtype(spec_dtype: torch.dtype, model_dtype: torch.dtype | None) -> t
         if dt in (torch.float16, torch.bfloat16):
             return dt
     return torch.float16
-

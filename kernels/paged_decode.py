@@ -9,7 +9,9 @@ sequence's end do nothing (the reduce kernel ignores their splits), so a launch 
 value that depends on the batch's contents.
 
 FP4 units: K from ``k4`` (per token), V from ``v4`` along tokens (auto layout, [D, P/2]) or
-along head_dim (nvfp4 layout, [P, D/2]), P quantised per G keys as in ``kernels/tiles.py``.
+along head_dim (nvfp4 layout, [P, D/2]), P quantised per G keys as in ``kernels/tiles.py``;
+decoded to fp16 for the MMAs, or (NATIVE, sm_120) packed into the block-scaled MMA for q x K
+and, in the auto layout, P x V.
 FP16 units: auto layout ``k_hi``/``v_hi``; nvfp4 layout dequantised ``k4``/``v4`` in the model
 dtype, except the step's own token (position seq_len - 1), which comes from the forward's
 ``key``/``value``.
@@ -20,7 +22,14 @@ import triton.language as tl
 from thrift_vllm.kernels.decode import _merge_splits
 from thrift_vllm.kernels.fp4 import _dequant_tile_mma
 from thrift_vllm.kernels.kv_write import _fp4_encode
-from thrift_vllm.kernels.tiles import _dot, _fp4_pv, _fp4_softmax, _load_dequant_mma
+from thrift_vllm.kernels.tiles import (
+    _dot,
+    _fp4_dot,
+    _fp4_pv,
+    _fp4_pv_native,
+    _fp4_softmax,
+    _load_dequant_mma,
+)
 
 
 @triton.jit
@@ -70,22 +79,32 @@ def _paged_fp4_load(
 
 @triton.jit
 def _paged_fp4_tile(
-    acc, l_i, m_i, q4, kb, ks, vb, vs, start, seq_len, qk_scale, keep,
+    acc, l_i, m_i, q4, qp, qs, kb, ks, vb, vs, start, seq_len, qk_scale, keep,
     BLOCK_H: tl.constexpr, U: tl.constexpr, D: tl.constexpr, G: tl.constexpr,
     FMT: tl.constexpr, AUTO: tl.constexpr, MASKED: tl.constexpr, DOT_FP32: tl.constexpr,
+    NATIVE: tl.constexpr,
 ):
     """One FP4 unit from its raw bytes (``_paged_fp4_load``) = sequence positions
-    start..start+U-1. ``keep`` False makes it a no-op (the unit is computed in FP16)."""
+    start..start+U-1. ``keep`` False makes it a no-op (the unit is computed in FP16).
+    NATIVE (sm_120): packed q (qp + scale bytes qs) and K straight into the block-scaled MMA,
+    and P x V too in the auto layout (its V is grouped along tokens, the contraction); the
+    nvfp4 layout's V (grouped along head_dim) is decoded. Else q4 (decoded q) and decoded K."""
     offs_n = start + tl.arange(0, U)
-    k = _dequant_tile_mma(kb, ks, U, D, G, FMT, not DOT_FP32)
-    s = _dot(q4, tl.trans(k), DOT_FP32) * qk_scale
+    if NATIVE:
+        s = _fp4_dot(qp, qs, kb, ks, BLOCK_H, U, D, G, FMT, DOT_FP32) * qk_scale
+    else:
+        k = _dequant_tile_mma(kb, ks, U, D, G, FMT, not DOT_FP32)
+        s = _dot(q4, tl.trans(k), DOT_FP32) * qk_scale
     q_pos = tl.full([BLOCK_H], 0, tl.int32) + seq_len - 1
     p, beta, alpha, m_new = _fp4_softmax(s, m_i, offs_n, q_pos, seq_len, keep, MASKED, False)
-    if AUTO:
-        vt = _dequant_tile_mma(vb, vs, D, U, G, FMT, not DOT_FP32)
+    if NATIVE and AUTO:
+        pv, psum = _fp4_pv_native(p, vb, vs, beta, BLOCK_H, U, D, G, FMT, DOT_FP32)
     else:
-        vt = tl.trans(_dequant_tile_mma(vb, vs, U, D, G, FMT, not DOT_FP32))
-    pv, psum = _fp4_pv(p, vt, m_i, beta, BLOCK_H, U, G, FMT, False, DOT_FP32)
+        if AUTO:
+            vt = _dequant_tile_mma(vb, vs, D, U, G, FMT, not DOT_FP32)
+        else:
+            vt = tl.trans(_dequant_tile_mma(vb, vs, U, D, G, FMT, not DOT_FP32))
+        pv, psum = _fp4_pv(p, vt, m_i, beta, BLOCK_H, U, G, FMT, False, DOT_FP32)
     return acc * alpha[:, None] + pv, l_i * alpha + psum, m_new
 
 
@@ -138,7 +157,7 @@ def _paged_decode_kernel(
     stride_ab, stride_ah, stride_as, stride_mb, stride_mh, stride_ms,
     Hkv: tl.constexpr, GROUP: tl.constexpr, BLOCK_H: tl.constexpr, U: tl.constexpr,
     P: tl.constexpr, D: tl.constexpr, G: tl.constexpr, FMT: tl.constexpr, AUTO: tl.constexpr,
-    DOT_FP32: tl.constexpr,
+    DOT_FP32: tl.constexpr, NATIVE: tl.constexpr,
     OFF_KHI: tl.constexpr, OFF_VHI: tl.constexpr, OFF_K4: tl.constexpr, OFF_K4S: tl.constexpr,
     OFF_V4: tl.constexpr, OFF_V4S: tl.constexpr,
 ):
@@ -163,7 +182,10 @@ def _paged_decode_kernel(
         q = tl.load(Q + b * stride_qb + h[:, None] * stride_qh + offs_d[None, :],
                     mask=row_ok[:, None], other=0.0)
         qp, qsc = _fp4_encode(q.to(tl.float32), BLOCK_H, D, G, FMT)
-        q4 = _dequant_tile_mma(qp, qsc, BLOCK_H, D, G, FMT, False)  # fp16 / bf16, exact
+        if NATIVE:
+            q4 = q  # unused: the FP4 dots take qp / qsc
+        else:
+            q4 = _dequant_tile_mma(qp, qsc, BLOCK_H, D, G, FMT, False)  # fp16 / bf16, exact
 
         sel_row = Sel + b * stride_selb + kvh * stride_selh
         # Selected units before / inside this split, counted in chunks with a runtime bound:
@@ -191,8 +213,8 @@ def _paged_decode_kernel(
             kb, ks, vb, vs = _paged_fp4_load(page, (j % (P // U)) * U, U, U, P, D, G, AUTO, False,
                                              OFF_K4, OFF_K4S, OFF_V4, OFF_V4S)
             acc, l_i, m_i = _paged_fp4_tile(
-                acc, l_i, m_i, q4, kb, ks, vb, vs, j * U, seq_len, qk_scale, j != nxt,
-                BLOCK_H, U, D, G, FMT, AUTO, False, DOT_FP32)
+                acc, l_i, m_i, q4, qp, qsc, kb, ks, vb, vs, j * U, seq_len, qk_scale, j != nxt,
+                BLOCK_H, U, D, G, FMT, AUTO, False, DOT_FP32, NATIVE)
             ptr += (j == nxt).to(tl.int32)
             nxt = tl.load(sel_row + ptr, mask=ptr < hi, other=-1)
         if j_full < j_end:
@@ -201,8 +223,8 @@ def _paged_decode_kernel(
                                              U, P, D, G, AUTO, True, OFF_K4, OFF_K4S, OFF_V4,
                                              OFF_V4S)
             acc, l_i, m_i = _paged_fp4_tile(
-                acc, l_i, m_i, q4, kb, ks, vb, vs, j_full * U, seq_len, qk_scale,
-                j_full != nxt, BLOCK_H, U, D, G, FMT, AUTO, True, DOT_FP32)
+                acc, l_i, m_i, q4, qp, qsc, kb, ks, vb, vs, j_full * U, seq_len, qk_scale,
+                j_full != nxt, BLOCK_H, U, D, G, FMT, AUTO, True, DOT_FP32, NATIVE)
 
         kn = tl.load(Kn + b * stride_knb + kvh * stride_knh + offs_d)
         vn = tl.load(Vn + b * stride_vnb + kvh * stride_vnh + offs_d)

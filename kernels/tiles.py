@@ -184,6 +184,20 @@ def _fp4_pv(p, v, v_fac, beta, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, G: 
 
 
 @triton.jit
+def _fp4_pv_native(p, vp, vs, beta, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   D: tl.constexpr, G: tl.constexpr, FMT: tl.constexpr, EMULATE: tl.constexpr):
+    """P [M, N] quantised to FP4 codes times packed V^T (vp uint8 [D, N/2] + scale bytes vs
+    [D, N/G], grouped along the N keys) through the block-scaled MMA -> (pv [M, D], psum [M]),
+    both already multiplied by beta (and NVFP4's constant 1/2688)."""
+    vals, codes, stored = _quant_p(p, BLOCK_M, BLOCK_N, G, FMT)
+    pv = _fp4_dot(_pack(codes, BLOCK_M, BLOCK_N), stored, vp, vs, BLOCK_M, D, BLOCK_N, G, FMT,
+                  EMULATE)
+    if FMT == "nvfp4":
+        beta = beta / P_ROW_DIV
+    return pv * beta[:, None], tl.sum(vals, axis=1) * beta
+
+
+@triton.jit
 def _fp4_tile(
     acc, l_i, m_i, q4, q_fac, qp, qs,
     kp_base, ks_base, vp_base, vs_base, stride_kpn, stride_ksn, stride_vpd, stride_vsd,
@@ -224,12 +238,7 @@ def _fp4_tile(
                      + (start_n // 2 + tl.arange(0, BLOCK_N // 2))[None, :])
         vs = tl.load(vs_base + offs_d[:, None] * stride_vsd
                      + (start_n // G + tl.arange(0, BLOCK_N // G))[None, :])
-        vals, codes, stored = _quant_p(p, BLOCK_M, BLOCK_N, G, FMT)
-        pv = _fp4_dot(_pack(codes, BLOCK_M, BLOCK_N), stored, vp, vs, BLOCK_M, D, BLOCK_N, G,
-                      FMT, DOT_FP32)
-        if FMT == "nvfp4":
-            beta = beta / P_ROW_DIV
-        pv, psum = pv * beta[:, None], tl.sum(vals, axis=1) * beta
+        pv, psum = _fp4_pv_native(p, vp, vs, beta, BLOCK_M, BLOCK_N, D, G, FMT, DOT_FP32)
     elif FP4_MATH == "fp8":
         vt = _load_dequant(vp_base + start_n // 2, vs_base + start_n // G, offs_d, stride_vpd,
                            stride_vsd, (offs_d < D)[:, None], D, BLOCK_N, G, FMT)

@@ -239,6 +239,42 @@ def test_decode_launch_variants(ci):
             assert _rel(out[i], ref[i]) < TOL[dt], (launch, i, _rel(out[i], ref[i]))
 
 
+@pytest.mark.parametrize("ci", [0, 1, 3, 4], ids=lambda i: "-".join(map(str, DECODE_CASES[i][:2])))
+def test_decode_native_fp4_mma(ci):
+    """The sm_120 path (FP4 dots on the block-scaled MMA: q x K in both layouts, P x V in the
+    auto layout) gives the reference result and the decoded path's numbers. Under the
+    interpreter MXFP4 runs tl.dot_scaled itself, NVFP4 its emulation (the interpreter reads
+    every scale as e8m0); the instructions are checked by the sm_120 compile below."""
+    from thrift_vllm.ops.paged_attention import native_fp4_decode
+
+    if DEVICE == "cuda" and not native_fp4_decode(torch.device("cuda")):
+        pytest.skip("no block-scaled FP4 MMA on this GPU (interpreter and AOT cover it)")
+    kvl, fmt, sel, dt, D, Hkv, group, P, U = DECODE_CASES[ci]
+    lay = KVLayout(kvl, D, P, U, fmt, sel, dt)
+    seq_lens = (1, 63, 65, 200)
+    budgets = BUDGET_ROTATIONS[ci % len(BUDGET_ROTATIONS)]
+    b = Batch(lay, seq_lens, (1,) * 4, Hkv, group, seed=320 + ci)
+    cache = _dev(b.cache)
+    write_kv_triton(_dev(b.key), _dev(b.value), cache, _dev(b.step_slots), lay)
+    b.cache = cache.cpu()
+    ref = paged_attention(lay, lay.views(b.cache), b.query, b.key, b.value,
+                          query_start_loc=b.qsl, seq_lens=list(seq_lens),
+                          block_table=b.block_table, fp16_budgets=list(budgets), scale=D**-0.5)
+    ks = [budget_to_k(f, BlockGrid(1, s, U, True)) for f, s in zip(budgets, seq_lens,
+                                                                    strict=True)]
+    kw = dict(block_table=_dev(b.block_table),
+              seq_lens=_dev(torch.tensor(seq_lens, dtype=torch.int32)),
+              num_fp16_blocks=_dev(torch.tensor(ks, dtype=torch.int32)), scale=D**-0.5)
+    args = (lay, cache, _dev(b.query), _dev(b.key), _dev(b.value))
+    native = paged_decode_triton(*args, native=True, **kw).cpu()
+    decoded = paged_decode_triton(*args, native=False, **kw).cpu()
+    for i in range(len(seq_lens)):
+        assert not torch.isnan(native[i]).any()
+        assert _rel(native[i], ref[i]) < TOL[dt], (i, _rel(native[i], ref[i]))
+        # same FP4 products, exact in fp32; only the summation order may differ
+        assert _rel(native[i], decoded[i]) < 1e-3, (i, _rel(native[i], decoded[i]))
+
+
 @pytest.mark.parametrize("ci", [0, 3], ids=["auto", "nvfp4"])
 def test_decode_reduce_merges_many_splits(ci):
     """More split partials than the reduce merges per loop step (SPLIT_CHUNK), a count that is
@@ -431,6 +467,34 @@ def test_paged_kernels_compile_for_hopper():
     assert all(r.get("stack", 0) == 0 for r in rows if "decode" not in r["kernel"])
 
 
+@pytest.mark.slow
+def test_paged_decode_native_fp4_on_sm120():
+    """On sm_120 the paged decode's FP4 dots compile to the block-scaled MMA (``mma.sync ...
+    block_scale``: q x K in both layouts, P x V too in the auto layout), for NVFP4 (ue4m3
+    scales) and MXFP4 (ue8m0): ``aot_paged`` applies the device rule of
+    ``native_fp4_decode`` per arch, so this is what an RTX / RTX PRO Blackwell GPU runs."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from thrift_vllm.ops import sass
+
+    problem = sass.toolchain_problem()
+    if problem:
+        pytest.skip(problem)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-m", "thrift_vllm.ops.aot_paged", "--arch", "120"],
+                         capture_output=True, text=True, env=env, timeout=600)
+    rows = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
+    dec = [r for r in rows if r["kernel"] == "_paged_decode_kernel"]
+    assert len(dec) == 3 and all(r["ok"] for r in dec), res.stdout[-2000:] + res.stderr[-2000:]
+    for r in dec:
+        scale = "ue4m3" if r["fmt"] == "nvfp4" else "ue8m0"
+        assert any("m16n8k64" in m and "block_scale" in m and m.endswith(scale)
+                   for m in r["mma"]), r
+
+
 def test_decode_split_plan_min_tiles():
     """The launch policy in plain numbers: the program target sets the split count for large
     batches; small batches get at least ``min_tiles_per_split`` units per program; every unit
@@ -454,3 +518,14 @@ def test_decode_split_plan_min_tiles():
     for bad in ((0, 1), (1, 0)):
         with pytest.raises(ValueError, match="must be >= 1"):
             decode_split_plan(1, 8, n, *bad)
+
+
+def test_native_fp4_decode_device_rule(monkeypatch):
+    """Block-scaled FP4 MMA at the decode's 16 rows only on sm_120; sm_100 (needs >= 128 rows)
+    and Hopper keep the decoded path; CPU tensors never."""
+    from thrift_vllm.ops.paged_attention import native_fp4_decode
+
+    assert native_fp4_decode(torch.device("cpu")) is False
+    for cap, want in (((12, 0), True), ((12, 1), True), ((10, 0), False), ((9, 0), False)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None, c=cap: c)
+        assert native_fp4_decode(torch.device("cuda", 0)) is want, cap

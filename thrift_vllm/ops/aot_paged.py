@@ -20,8 +20,9 @@ from unittest import mock
 
 def capture(kv_layout: str, fmt: str, selection: str, dtype: str = "fp16", D: int = 128,
             B: int = 16, Hq: int = 32, Hkv: int = 8, P: int = 64, U: int = 64,
-            max_pages: int = 512):
-    """[(JITFunction, bound args, options)] of the write and decode launches on meta tensors."""
+            max_pages: int = 512, native: bool = False):
+    """[(JITFunction, bound args, options)] of the write and decode launches on meta tensors
+    (``native``: the decode's FP4 dots on the block-scaled MMA, as on sm_120)."""
     import torch
     from triton.runtime.jit import JITFunction
 
@@ -46,7 +47,7 @@ def capture(kv_layout: str, fmt: str, selection: str, dtype: str = "fp16", D: in
         write_kv_triton(k, k, cache, torch.empty(B, dtype=torch.int64, **meta), lay)
         paged_decode_triton(lay, cache, q, k, k, block_table=torch.empty(B, max_pages, **i32),
                             seq_lens=torch.empty(B, **i32), num_fp16_blocks=torch.empty(B, **i32),
-                            scale=D**-0.5, max_num_fp16_blocks=64)
+                            scale=D**-0.5, max_num_fp16_blocks=64, native=native)
     out = []
     for fn, args, kw in calls:
         bound = dict(zip(fn.arg_names, args, strict=False))
@@ -76,13 +77,17 @@ def main(argv: list[str] | None = None) -> int:
     failed = 0
     for arch in a.arch:
         for kvl, fmt, sel in cases:
-            for fn, args, options in capture(kvl, fmt, sel, a.dtype, a.head_dim):
+            # the device rule of ops.paged_attention.native_fp4_decode, by arch
+            for fn, args, options in capture(kvl, fmt, sel, a.dtype, a.head_dim,
+                                             native=arch == 120):
                 row = dict(arch=arch, kv_layout=kvl, fmt=fmt, selection=sel, kernel=fn.__name__)
                 try:
                     ck = compile_launch(fn, args, options, arch)[0]
                     row.update(resource_usage(ck.asm["cubin"]))
-                    row["mma"] = sorted(set(re.findall(r"\b(?:mma\.sync|wgmma\.mma_async)[\w.]*",
-                                                       ck.asm["ptx"])))[:3]
+                    mma = sorted(set(re.findall(r"\b(?:mma\.sync|wgmma\.mma_async)[\w.:]*",
+                                                ck.asm["ptx"])))
+                    row["mma"] = mma[:4]
+                    row["block_scaled_mma"] = sum("block_scale" in m for m in mma)
                     row["ok"] = True
                 except Exception as e:  # report and go on: one line per case
                     row.update(ok=False, error=f"{type(e).__name__}: {str(e)[-400:]}")

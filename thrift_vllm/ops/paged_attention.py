@@ -117,12 +117,21 @@ def paged_select_triton(
     return out
 
 
+def native_fp4_decode(device: torch.device) -> bool:
+    """Whether the paged decode's FP4 dots go through the block-scaled MMA on ``device``:
+    sm_120 (RTX / RTX PRO Blackwell) runs it at the decode's 16 query rows (warp-level
+    ``mma.sync ... block_scale``, tests/test_blackwell_aot.py); sm_100 needs >= 128 rows
+    (tcgen05), where Triton decomposes the dot into bf16 MMAs, so it keeps the decoded path of
+    Hopper, which has no FP4 MMA at all."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 12
+
+
 def paged_decode_triton(
     layout: KVLayout, kv_cache: torch.Tensor, query: torch.Tensor, key: torch.Tensor | None,
     value: torch.Tensor | None, *, block_table: torch.Tensor, seq_lens: torch.Tensor,
     num_fp16_blocks: torch.Tensor, scale: float, force_sink_recent: bool = False,
     out: torch.Tensor | None = None, max_num_fp16_blocks: int | None = None,
-    sel: torch.Tensor | None = None, launch: dict | None = None,
+    sel: torch.Tensor | None = None, launch: dict | None = None, native: bool | None = None,
 ) -> torch.Tensor:
     """Paged ThriftAttention decode, after the step's K/V were written (``write_kv_triton``).
 
@@ -132,7 +141,9 @@ def paged_decode_triton(
     including the new token; 0 = idle row, output zeros); num_fp16_blocks int32 ``[B]``: FP16
     units per sequence (``budget_to_k`` of a one-row grid); scale: softmax scale. ``sel``:
     precomputed :func:`paged_select_triton` output. ``launch``: overrides of
-    ``PAGED_DECODE_LAUNCH`` (tuning probes). Returns ``out`` ``[B, Hq, D]``.
+    ``PAGED_DECODE_LAUNCH`` (tuning probes). ``native``: FP4 dots on the block-scaled MMA
+    (None: :func:`native_fp4_decode` of the device; True elsewhere is for tests and
+    ahead-of-time compiles, same numbers). Returns ``out`` ``[B, Hq, D]``.
     """
     B, Hq, D = query.shape
     cfg = {**PAGED_DECODE_LAUNCH, **(launch or {})}
@@ -172,7 +183,9 @@ def paged_decode_triton(
         Hkv=Hkv, GROUP=Hq // Hkv, BLOCK_H=max(16, triton.next_power_of_2(Hq // Hkv)),
         U=layout.unit, P=layout.page_size, D=D, G=layout.group, FMT=layout.quant_format,
         AUTO=layout.kv_layout == "auto",
-        DOT_FP32=triton_interpreted(), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        DOT_FP32=triton_interpreted(),
+        NATIVE=native_fp4_decode(query.device) if native is None else bool(native),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         **({"maxnreg": cfg["maxnreg"]} if cfg["maxnreg"] else {}), **offs,
     )
     _paged_reduce_kernel[(B * Hq,)](

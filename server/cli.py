@@ -116,7 +116,8 @@ def build_parser():
                    "THRIFT_VLLM_SELECTION, else block_mean")
     g.add_argument("--bulk-math", choices=BACKEND_BULK_MATHS, default=None,
                    help="prefill arithmetic of the FP4 blocks on the Triton path: bf16 (exact "
-                   "FP4 semantics) or fp8 (faster on Hopper, approximate); default bf16")
+                   "FP4 semantics), fp8 (faster on Hopper, approximate) or native (Blackwell "
+                   "block-scaled MMA, exact; --kv-layout auto); default bf16")
     g.add_argument("--no-budget-cache-salt", action="store_true",
                    help="do not add a per-budget cache_salt (only safe with prefix caching off)")
     g.add_argument("--warmup-tokens", type=int, default=None,

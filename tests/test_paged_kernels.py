@@ -441,6 +441,49 @@ def test_prefill_fp8_bulk_error_bounded(kvl):
         paged_attention_triton(*args, bulk_math="fp16", **kw)
 
 
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
+def test_prefill_native_bulk_matches_bf16(fmt):
+    """bulk_math "native" (Blackwell: packed pages straight into the block-scaled MMA, auto
+    layout) computes the exact FP4 semantics like "bf16": chunked and from-scratch prefill,
+    odd context lengths (a V byte shared by the last position and a stale one), stale garbage
+    (NaN scale bytes included) in the pages past the context. Under the interpreter MXFP4 runs
+    tl.dot_scaled, NVFP4 its emulation; the nvfp4 layout is refused."""
+    from thrift_vllm.ops.paged_attention import native_fp4_decode
+
+    if DEVICE == "cuda" and not native_fp4_decode(torch.device("cuda")):
+        pytest.skip("no block-scaled FP4 MMA on this GPU (interpreter and AOT cover it)")
+    lay = KVLayout("auto", 64, 64, 64, fmt, "block_mean", torch.bfloat16)
+    seq_lens, q_lens, budgets = (201, 65, 131, 90), (5, 65, 70, 1), (0.05, 0.0, 0.25, 0.05)
+    b = Batch(lay, seq_lens, q_lens, Hkv=2, group=4, seed=23)
+    cache = _dev(b.cache)
+    write_kv_triton(_dev(b.key), _dev(b.value), cache, _dev(b.step_slots), lay)
+    # Poison the V groups past each context in its last unit: NaN scale bytes (0xFF in e4m3
+    # and e8m0) and codes of 6. They must never enter (the kernel's P is 0 there, 0 x NaN not).
+    views, G = lay.views(cache), lay.group
+    for i, skv in enumerate(seq_lens):
+        page, first = int(b.block_table[i, (skv - 1) // 64]), -(-(skv % 64) // G) * G
+        if skv % 64:
+            views.v4_scales[page, :, :, first // G:].view(torch.uint8).fill_(0xFF)
+            views.v4[page, :, :, first // 2:].fill_(0x77)
+    kw = dict(query_start_loc=b.qsl, seq_lens=list(seq_lens), fp16_budgets=list(budgets),
+              scale=64**-0.5)
+    ref = paged_attention(lay, lay.views(cache.cpu()), b.query, b.key, b.value,
+                          block_table=b.block_table, **kw)
+    args = (lay, cache, _dev(b.query), _dev(b.key), _dev(b.value))
+    kw["block_table"] = _dev(b.block_table)
+    native = paged_attention_triton(*args, bulk_math="native", **kw).cpu()
+    exact = paged_attention_triton(*args, bulk_math="bf16", **kw).cpu()
+    assert not native.isnan().any()
+    for i in range(len(seq_lens)):
+        sl = slice(b.qsl[i], b.qsl[i + 1])
+        assert _rel(native[sl], ref[sl]) < TOL[torch.bfloat16], (i, _rel(native[sl], ref[sl]))
+        assert _rel(native[sl], exact[sl]) < 1e-3, (i, _rel(native[sl], exact[sl]))
+    nv = KVLayout("nvfp4", 64, 64, 32, fmt, "block_mean", torch.bfloat16)
+    with pytest.raises(ValueError, match="'native' needs the auto layout"):
+        paged_attention_triton(nv, nv.allocate(8, 2), _dev(b.query), _dev(b.key),
+                               _dev(b.value), bulk_math="native", **kw)
+
+
 @pytest.mark.slow
 def test_paged_kernels_compile_for_hopper():
     """Every paged launch compiles for sm_90 (AOT, no GPU; a subprocess without the

@@ -268,6 +268,26 @@ def test_vllm_impl_rejects_unsupported_features(vllm_ok):
             ThriftAttentionImpl(4, 64, 0.125, 2, **kw)
 
 
+def test_vllm_native_bulk_math_rules(vllm_ok, monkeypatch):
+    """bulk_math 'native' (Blackwell's block-scaled MMA in prefill) needs the Triton path, a
+    GPU of compute capability >= 10 and the auto KV layout; each is refused at engine start
+    with its reason, not at the first prefill."""
+    from thrift_vllm.backend.thrift_attn import ThriftAttentionImpl
+
+    native = ThriftBackendConfig(bulk_math="native")
+    assert native.bulk_math_problem("cuda", (12, 0)) is None
+    assert native.bulk_math_problem("cuda", (10, 0)) is None
+    assert "sm_90: use 'bf16' or 'fp8'" in native.bulk_math_problem("cuda", (9, 0))
+    assert "needs the Triton path" in native.bulk_math_problem("cpu")
+    assert ThriftBackendConfig(bulk_math="native", impl="triton").bulk_math_problem("cpu") is None
+    with pytest.raises(ValueError, match="'native' runs on the Triton kernels only"):
+        ThriftBackendConfig(bulk_math="native", impl="torch")
+    monkeypatch.setenv("THRIFT_VLLM_BULK_MATH", "native")
+    with pytest.raises(ValueError, match="needs --kv-cache-dtype auto"):
+        ThriftAttentionImpl(4, 64, 0.125, 2, kv_cache_dtype="nvfp4")
+    assert ThriftAttentionImpl(4, 64, 0.125, 2).config.bulk_math == "native"
+
+
 def test_vllm_impl_checks_only_a_user_block_size(vllm_ok):
     """CUDA executors (0.26 and 0.32) build the model with vLLM's default block size 16 and
     only then apply the backend's preferred size (64 here): found on the H200, where every

@@ -27,7 +27,9 @@ from thrift_vllm.selection import check_selection
 
 ADDITIONAL_CONFIG_KEY = "thrift_vllm"
 ENV_PREFIX = "THRIFT_VLLM_"
-BACKEND_BULK_MATHS = ("bf16", "fp8")  # prefill's FP4-block arithmetic on the Triton path
+# Prefill's FP4-block arithmetic on the Triton path: bf16 (exact, any GPU), fp8 (Hopper's fast
+# approximation), native (Blackwell's block-scaled MMA on the packed pages, exact, auto layout).
+BACKEND_BULK_MATHS = ("bf16", "fp8", "native")
 
 
 def check_budget(value: Any, what: str = "fp16_budget") -> float:
@@ -59,8 +61,10 @@ class ThriftBackendConfig:
     bulk_math: str = "bf16"
     """Arithmetic of the FP4 blocks in prefill on the Triton path: ``bf16`` (the exact FP4
     semantics) or ``fp8`` (e4m3 operands, P in e4m3: Hopper's fast path, approximate — on the
-    embedded model thrift 5 % recovers 93 % of the FP4 gap with it instead of 95 %). Decode
-    always runs the FP4 decode kernel; the PyTorch path computes ``bf16`` only."""
+    embedded model thrift 5 % recovers 93 % of the FP4 gap with it instead of 95 %), or
+    ``native`` (Blackwell: the packed pages straight into the block-scaled MMA, exact; the
+    ``auto`` KV layout only). Decode always runs the FP4 decode kernel (block-scaled MMAs on
+    sm_120 by itself); the PyTorch path computes ``bf16`` only."""
     cuda_graphs: bool = True
     """Declare FULL CUDA graphs for pure-decode batches (``UNIFORM_SINGLE_TOKEN_DECODE``) on the
     Triton path: the builder keeps the decode inputs in persistent buffers. On by default since
@@ -80,9 +84,9 @@ class ThriftBackendConfig:
         if self.bulk_math not in BACKEND_BULK_MATHS:
             raise ValueError(f"bulk_math must be one of {BACKEND_BULK_MATHS}, got "
                              f"{self.bulk_math!r}")
-        if self.bulk_math == "fp8" and self.impl == "torch":
-            raise ValueError("bulk_math 'fp8' runs on the Triton kernels only; impl 'torch' "
-                             "computes the exact FP4 semantics (bulk_math 'bf16')")
+        if self.bulk_math != "bf16" and self.impl == "torch":
+            raise ValueError(f"bulk_math {self.bulk_math!r} runs on the Triton kernels only; "
+                             "impl 'torch' computes the exact FP4 semantics (bulk_math 'bf16')")
         if not isinstance(self.cuda_graphs, bool):
             raise ValueError(f"cuda_graphs must be true or false, got {self.cuda_graphs!r}")
 
@@ -90,13 +94,19 @@ class ThriftBackendConfig:
         """The Triton kernels run for impl "triton", or "auto" on a CUDA device."""
         return self.impl == "triton" or (self.impl == "auto" and device_type == "cuda")
 
-    def bulk_math_problem(self, device_type: str) -> str | None:
-        """Why ``bulk_math`` cannot run on ``device_type`` (fp8 exists on the Triton path
-        only), or None; the metadata builder raises it at engine start, not at the first
-        prefill."""
+    def bulk_math_problem(self, device_type: str,
+                          capability: tuple[int, int] | None = None) -> str | None:
+        """Why ``bulk_math`` cannot run on ``device_type`` (of compute ``capability`` on CUDA):
+        fp8 and native exist on the Triton path only, native needs Blackwell's block-scaled
+        MMA; None when it can. The metadata builder raises it at engine start, not at the
+        first prefill."""
         if self.bulk_math != "bf16" and not self.uses_triton(device_type):
             return (f"bulk_math {self.bulk_math!r} needs the Triton path (impl 'triton', or "
                     f"'auto' on CUDA); impl {self.impl!r} on {device_type} runs the PyTorch path")
+        if self.bulk_math == "native" and capability is not None and capability[0] < 10:
+            return (f"bulk_math 'native' needs a Blackwell GPU (sm_100 / sm_120, block-scaled "
+                    f"FP4 MMA); this one is sm_{capability[0]}{capability[1]}: use 'bf16' or "
+                    f"'fp8'")
         return None
 
     @classmethod

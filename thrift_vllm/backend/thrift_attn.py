@@ -103,7 +103,8 @@ class ThriftAttentionMetadataBuilder(AttentionMetadataBuilder[ThriftAttentionMet
                                 "may reach only the last stage (model runner V2 adds requests "
                                 "to logits processors there); earlier stages use the default")
         self.use_triton = self.config.uses_triton(device.type)
-        problem = self.config.bulk_math_problem(device.type)
+        cap = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+        problem = self.config.bulk_math_problem(device.type, cap)
         if problem:
             raise ValueError(problem)
         self.graph_buffers = None
@@ -319,6 +320,9 @@ class ThriftAttentionImpl(AttentionImpl[ThriftAttentionMetadata]):
         self.config = ThriftBackendConfig.from_vllm_config(vllm_config)
         if vllm_config is not None:
             config.record_engine_config(self.config)
+        if self.config.bulk_math == "native" and kv_cache_dtype == "nvfp4":
+            raise ValueError("bulk_math 'native' needs --kv-cache-dtype auto: the nvfp4 "
+                             "layout groups V along head_dim, not the tokens P x V sums over")
         # A block size the user gave fails here, at model construction. vLLM's own default is
         # replaced by ours (get_preferred_block_size) only after the model is built (CUDA
         # executors call update_block_size_for_backend after load_model), so it is not checked

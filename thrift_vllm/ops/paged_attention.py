@@ -287,8 +287,9 @@ def paged_attention_triton(
     gathered and run through the contiguous prefill kernel, one launch set per sequence.
     ``skip_single_query``: leave the one-query sequences to the caller (the vLLM backend runs
     them through :func:`paged_decode_batch` with inputs its builder made once per step).
-    ``bulk_math``: the prefill's FP4 blocks in ``"bf16"`` (exact) or ``"fp8"`` (e4m3 operands,
-    approximate; ``ops.paged_prefill``); decode rows always run the FP4 decode kernel.
+    ``bulk_math``: the prefill's FP4 blocks in ``"bf16"`` (exact), ``"fp8"`` (e4m3 operands,
+    approximate) or ``"native"`` (Blackwell block-scaled MMA on the packed pages, exact; auto
+    layout only; ``ops.paged_prefill``); decode rows always run the FP4 decode kernel.
     """
     if query.dim() != 3 or query.shape[2] != layout.head_size:
         raise ValueError(f"query must be [T, Hq, {layout.head_size}], got {tuple(query.shape)}")
@@ -299,6 +300,9 @@ def paged_attention_triton(
         raise ValueError("the nvfp4 layout needs the step's key and value")
     if bulk_math not in PAGED_BULK_MATHS:
         raise ValueError(f"bulk_math must be one of {PAGED_BULK_MATHS}, got {bulk_math!r}")
+    if bulk_math == "native" and layout.kv_layout != "auto":
+        raise ValueError(f"bulk_math 'native' needs the auto layout (V grouped along tokens), "
+                         f"got the {layout.kv_layout!r} layout")
     output = torch.empty_like(query) if output is None else output
     dec = None if skip_single_query else DecodeBatch.from_budgets(
         query_start_loc, seq_lens, fp16_budgets, block_table, layout.unit)

@@ -4,8 +4,10 @@ contiguous buffers, then run the contiguous prefill kernel (``kernels/prefill.py
 The FP4 blocks are decoded once per call: to bf16 (``bulk_math="bf16"``: exact FP4 semantics,
 the reference's function) or to e4m3 with a power-of-two factor per row (``"fp8"``: Hopper's
 fast path; P is kept in e4m3 instead of FP4, so it approximates the semantics, as the operator's
-fp8 mode: ``thrift_vllm.api``). The gather costs one pass over the sequence's context per chunk
-and layer, a few per cent of a 2K chunk's attention at 128K.
+fp8 mode: ``thrift_vllm.api``), or not at all (``"native"``, Blackwell, ``auto`` layout only:
+the packed pages go to the block-scaled MMA; the ``nvfp4`` layout's V is grouped along
+head_dim, not along the tokens the P x V product sums over). The gather costs one pass over the
+sequence's context per chunk and layer, a few per cent of a 2K chunk's attention at 128K.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from thrift_vllm.ops.quantize import dequantize_fp4, quantize_fp4, triton_interp
 from thrift_vllm.ops.select import select_blocks_triton
 from thrift_vllm.selection import BlockGrid, budget_to_k
 
-PAGED_BULK_MATHS = ("bf16", "fp8")
+PAGED_BULK_MATHS = ("bf16", "fp8", "native")
 
 
 def _rows(t: torch.Tensor, pages: torch.Tensor) -> torch.Tensor:
@@ -35,6 +37,22 @@ def _deq(data: torch.Tensor, scales: torch.Tensor, layout: KVLayout) -> torch.Te
     qt = QuantizedTensor(data.contiguous(), sc.contiguous(), layout.quant_format,
                          data.dim() - 1, (*data.shape[:-1], data.shape[-1] * 2), torch.bfloat16)
     return dequantize_fp4(qt)
+
+
+def _packed_v_tokens(views, pages: torch.Tensor, skv: int, s_pad: int, group: int
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The auto layout's V codes and scale bytes, pages side by side along tokens: uint8
+    ``[H, D, s_pad/2]`` and ``[H, D, s_pad/G]``, with the codes of positions >= ``skv`` and
+    the scales of groups starting there zeroed (the decoded path's zeros: stale slots of the
+    last unit never enter; a stale scale byte could even be a NaN)."""
+    vp = views.v4[pages].permute(1, 2, 0, 3).flatten(-2)[:, :, :s_pad // 2].clone()
+    vs = views.v4_scales[pages].permute(1, 2, 0, 3).flatten(-2)[:, :, :s_pad // group]
+    vs = vs.view(torch.uint8).clone()
+    vp[:, :, -(-skv // 2):] = 0
+    if skv % 2:  # the byte holding position skv - 1 (low nibble) and skv (high)
+        vp[:, :, skv // 2] &= 0x0F
+    vs[:, :, -(-skv // group):] = 0
+    return vp, vs
 
 
 def fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -61,6 +79,57 @@ def prefill_sequence(layout: KVLayout, views, q: torch.Tensor, key: torch.Tensor
     """
     sq, D, U = q.shape[2], layout.head_size, layout.unit
     s_pad = -(-skv // U) * U
+    z3 = (0, 0, 0)
+    if bulk_math == "native":  # auto layout (checked by the caller): packed pages, no decode
+        kp = _rows(views.k4, pages)[None, :, :skv].contiguous()
+        ks = _rows(views.k4_scales, pages)[None, :, :skv].view(torch.uint8).contiguous()
+        vp, vs = (t[None].contiguous() for t in _packed_v_tokens(views, pages, skv, s_pad,
+                                                                   layout.group))
+        packed = (kp, ks, vp, vs)
+        packed_strides = (*kp.stride()[:3], *ks.stride()[:3], *vp.stride()[:3],
+                          *vs.stride()[:3])
+        k16, v16 = _rows(views.k_hi, pages)[:, :skv], _rows(views.v_hi, pages)[:, :skv]
+        k_sel = k16[None].contiguous()
+        k4, kf, v4t, vf = kp, kp, vp, vp  # unused by the kernel
+    else:
+        packed, packed_strides = None, z3 * 4
+        k4, kf, v4t, vf, k16, v16, k_sel = _decoded_operands(layout, views, q, key, value,
+                                                             pages, skv, s_pad, bulk_math)
+    k16, v16 = k16[None].contiguous(), v16[None].contiguous()
+    grid = BlockGrid(sq, skv, U, True)
+    if budget_to_k(budget, grid) == 0:
+        sel = torch.empty(1, q.shape[1], grid.num_q_blocks, 0, dtype=torch.int32,
+                          device=q.device)
+    else:
+        sel = select_blocks_triton(q, k_sel, fp16_budget=budget, selection=layout.selection,
+                                   block_size=U, causal=True, force_sink_recent=force_sink_recent)
+    k_n = sel.shape[-1]
+    use_fp4 = int(k_n < budget_to_k(1.0, grid))
+    qq = quantize_fp4(q, layout.quant_format, -1)
+    sel_arg = sel if k_n else torch.full((1, 1, 1, 1), -1, dtype=torch.int32, device=q.device)
+    out = torch.empty_like(q)
+    u8 = qq.scales.view(torch.uint8)
+    kp, ks, vp, vs = packed or (qq.data, u8, qq.data, u8)
+    _thrift_prefill_kernel[(grid.num_q_blocks, q.shape[1])](
+        q, k16, v16, qq.data, u8, kp, ks, vp, vs, k4, kf, v4t, vf, sel_arg, out,
+        sq, skv, grid.num_kv_blocks, grid.first_q_block, grid.q_offset, k_n, scale * LOG2E,
+        use_fp4, *q.stride()[:3], *k16.stride()[:3], *qq.data.stride()[:3], *u8.stride()[:3],
+        *packed_strides, *k4.stride()[:3], *kf.stride()[:2], *v4t.stride()[:3],
+        *vf.stride()[:2], *sel_arg.stride()[:3], *out.stride()[:3],
+        Hq=q.shape[1], GROUP=q.shape[1] // k16.shape[1], BLOCK=U, D=D, G=layout.group,
+        FMT=layout.quant_format, FP4_MATH=bulk_math, CAUSAL=True, DOT_FP32=triton_interpreted(),
+        **PREFILL_LAUNCH[bulk_math],
+    )
+    return out
+
+
+def _decoded_operands(layout: KVLayout, views, q: torch.Tensor, key: torch.Tensor | None,
+                      value: torch.Tensor | None, pages: torch.Tensor, skv: int, s_pad: int,
+                      bulk_math: str):
+    """(k4, kf, v4t, vf, k16, v16, k_sel) for bulk_math bf16 / fp8: FP4 K [1, H, skv, D] and
+    V^T [1, H, D, s_pad] decoded to bf16, or e4m3 with fp32 factors kf [1, H, skv] / vf
+    [1, H, D]; model-dtype K/V [H, skv, D] for the FP16 blocks; the selection's keys."""
+    sq = q.shape[2]
     k4 = _deq(_rows(views.k4, pages), _rows(views.k4_scales, pages), layout)[:, :skv]
     if layout.kv_layout == "auto":  # v4 [nb, H, D, P/2]: pages side by side along tokens
         v4t = _deq(views.v4[pages].permute(1, 2, 0, 3).flatten(-2),
@@ -78,32 +147,7 @@ def prefill_sequence(layout: KVLayout, views, q: torch.Tensor, key: torch.Tensor
     if bulk_math == "fp8":
         (k4, kf), (v4t, vf) = fp8_rows(k4), fp8_rows(v4t)
         kf, vf = kf[None], vf[None]
-    k16, v16 = k16[None].contiguous(), v16[None].contiguous()
     k4, v4t = k4[None].contiguous(), v4t[None].contiguous()
     if bulk_math != "fp8":
         kf, vf = k4, v4t  # unused by the kernel
-    grid = BlockGrid(sq, skv, U, True)
-    if budget_to_k(budget, grid) == 0:
-        sel = torch.empty(1, q.shape[1], grid.num_q_blocks, 0, dtype=torch.int32,
-                          device=q.device)
-    else:
-        sel = select_blocks_triton(q, k_sel, fp16_budget=budget, selection=layout.selection,
-                                   block_size=U, causal=True, force_sink_recent=force_sink_recent)
-    k_n = sel.shape[-1]
-    use_fp4 = int(k_n < budget_to_k(1.0, grid))
-    qq = quantize_fp4(q, layout.quant_format, -1)
-    sel_arg = sel if k_n else torch.full((1, 1, 1, 1), -1, dtype=torch.int32, device=q.device)
-    out = torch.empty_like(q)
-    u8 = qq.scales.view(torch.uint8)
-    z3 = (0, 0, 0)
-    _thrift_prefill_kernel[(grid.num_q_blocks, q.shape[1])](
-        q, k16, v16, qq.data, u8, qq.data, u8, qq.data, u8, k4, kf, v4t, vf, sel_arg, out,
-        sq, skv, grid.num_kv_blocks, grid.first_q_block, grid.q_offset, k_n, scale * LOG2E,
-        use_fp4, *q.stride()[:3], *k16.stride()[:3], *qq.data.stride()[:3], *u8.stride()[:3],
-        *z3, *z3, *z3, *z3, *k4.stride()[:3], *kf.stride()[:2], *v4t.stride()[:3],
-        *vf.stride()[:2], *sel_arg.stride()[:3], *out.stride()[:3],
-        Hq=q.shape[1], GROUP=q.shape[1] // k16.shape[1], BLOCK=U, D=D, G=layout.group,
-        FMT=layout.quant_format, FP4_MATH=bulk_math, CAUSAL=True, DOT_FP32=triton_interpreted(),
-        **PREFILL_LAUNCH[bulk_math],
-    )
-    return out
+    return k4, kf, v4t, vf, k16, v16, k_sel

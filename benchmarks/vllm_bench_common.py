@@ -169,7 +169,7 @@ def thrift_config(args, budget: float | None) -> dict:
     if graphs is not None:  # FULL graphs of pure-decode steps, or piecewise
         cfg["cuda_graphs"] = graphs
     bulk_math = getattr(args, "bulk_math", "bf16")
-    if bulk_math != "bf16":  # prefill's FP4 blocks on e4m3 operands
+    if bulk_math != "bf16":  # prefill's FP4 blocks on e4m3 operands, or native (Blackwell)
         cfg["bulk_math"] = bulk_math
     if budget is not None:
         cfg["fp16_budget"] = budget

@@ -354,8 +354,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "backend's default since 2026-11-30)")
     p.add_argument("--piecewise-decode", action="store_true",
                    help="thrift config cuda_graphs off (piecewise graphs, attention eager)")
-    p.add_argument("--bulk-math", choices=("bf16", "fp8"), default="bf16",
-                   help="thrift backend config bulk_math (prefill arithmetic of FP4 blocks)")
+    # = thrift_vllm.backend.config.BACKEND_BULK_MATHS (not imported here: it pulls in torch)
+    p.add_argument("--bulk-math", choices=("bf16", "fp8", "native"), default="bf16",
+                   help="thrift backend config bulk_math (prefill arithmetic of FP4 blocks; "
+                   "native: Blackwell, thrift-auto only)")
     p.add_argument("--unit", type=int, default=64, help="thrift selection unit (bytes/token)")
     p.add_argument("--quant-format", default="nvfp4")
     p.add_argument("--selection", default="block_mean")

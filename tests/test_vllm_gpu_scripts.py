@@ -376,3 +376,16 @@ def test_step_run_steady_state_excludes_the_shrinking_tail(serving, monkeypatch)
     # 12 tokens at step 8, 51 at step 21
     assert res["steady_decode_tok_s"] == pytest.approx(39 / 13)
     assert res["decode_tok_s"] < res["steady_decode_tok_s"]  # the whole decode has the tail
+
+
+def test_serving_bulk_math_choices_match_the_backend(serving):
+    """The benchmark lists the backend's bulk maths by hand (importing the config would pull in
+    torch); they must stay equal, and native reaches the engine's thrift config."""
+    from thrift_vllm.backend.config import BACKEND_BULK_MATHS
+
+    parser = serving.build_parser()
+    action = next(a for a in parser._actions if a.dest == "bulk_math")
+    assert tuple(action.choices) == BACKEND_BULK_MATHS
+    common = sys.modules.get("vllm_bench_common") or __import__("vllm_bench_common")
+    cfg = common.thrift_config(parser.parse_args(["--bulk-math", "native"]), 0.05)
+    assert cfg["bulk_math"] == "native"

@@ -174,10 +174,9 @@ def decode_row(out: str, kvl: str, B: int, ctx: int, a) -> None:
 
 PROBE_CASES = ((16, 8192), (16, 32768), (64, 131072), (1, 131072), (1, 32768))
 # 8 warps and prefetching lost everywhere in the first probe (BENCHMARKS.md); stages do not
-# matter (the loop's loads are indirect, through the block table). 2 warps: the sm90 SASS
-# (aot_paged) has 8.9 instructions per KV value in the FP4 loop against 10.0 with 4 warps at
-# maxnreg 128 (fewer cross-warp reductions), no spills at 252 registers, but half the warps
-# per SM; not measured yet.
+# matter (the loop's loads are indirect, through the block table). 2 warps: fewer instructions
+# per KV value in the sm90 SASS, but half the warps per SM; measured no better overall
+# (BENCHMARKS.md "Third H200 pass", call 8).
 PROBE_LAUNCH = [dict(target_programs=t, num_warps=4, num_stages=2, maxnreg=r,
                      min_tiles_per_split=1)
                 for r in (None, 128, 168) for t in (264, 528, 1056, 2112)]

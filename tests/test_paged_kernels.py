@@ -210,19 +210,16 @@ def test_decode_matches_reference(ci):
         assert _rel(out[i], ref[i]) < TOL[dt], (i, seq_lens[i], budgets[i], _rel(out[i], ref[i]))
 
 
-@pytest.mark.parametrize("ci", [0, 3], ids=["auto", "nvfp4"])
-def test_decode_launch_variants(ci):
-    """The tuning knobs change speed, not results: split counts, warps and a register cap
-    agree with the reference at the usual tolerance (the split merge reorders the sums)."""
+def _decode_case(ci, seq_lens, budgets, seed):
+    """DECODE_CASES[ci] with one new token per sequence, the step written by the Triton write:
+    (dtype, the positional args and keyword args of ``paged_decode_triton``, the reference
+    output [B, Hq, D] of ``thrift_vllm.paged``)."""
     kvl, fmt, sel, dt, D, Hkv, group, P, U = DECODE_CASES[ci]
     lay = KVLayout(kvl, D, P, U, fmt, sel, dt)
-    seq_lens = (1, 63, 65, 200)
-    b = Batch(lay, seq_lens, (1,) * 4, Hkv, group, seed=300 + ci)
+    b = Batch(lay, seq_lens, (1,) * len(seq_lens), Hkv, group, seed=seed)
     cache = _dev(b.cache)
     write_kv_triton(_dev(b.key), _dev(b.value), cache, _dev(b.step_slots), lay)
-    b.cache = cache.cpu()
-    budgets = (0.05, 0.5, 0.0, 0.05)
-    ref = paged_attention(lay, lay.views(b.cache), b.query, b.key, b.value,
+    ref = paged_attention(lay, lay.views(cache.cpu()), b.query, b.key, b.value,
                           query_start_loc=b.qsl, seq_lens=list(seq_lens),
                           block_table=b.block_table, fp16_budgets=list(budgets), scale=D**-0.5)
     ks = [budget_to_k(f, BlockGrid(1, s, U, True)) for f, s in zip(budgets, seq_lens,
@@ -230,12 +227,19 @@ def test_decode_launch_variants(ci):
     kw = dict(block_table=_dev(b.block_table),
               seq_lens=_dev(torch.tensor(seq_lens, dtype=torch.int32)),
               num_fp16_blocks=_dev(torch.tensor(ks, dtype=torch.int32)), scale=D**-0.5)
-    args = (lay, cache, _dev(b.query), _dev(b.key), _dev(b.value))
+    return dt, (lay, cache, _dev(b.query), _dev(b.key), _dev(b.value)), kw, ref
+
+
+@pytest.mark.parametrize("ci", [0, 3], ids=["auto", "nvfp4"])
+def test_decode_launch_variants(ci):
+    """The tuning knobs change speed, not results: split counts, warps and a register cap
+    agree with the reference at the usual tolerance (the split merge reorders the sums)."""
+    dt, args, kw, ref = _decode_case(ci, (1, 63, 65, 200), (0.05, 0.5, 0.0, 0.05), 300 + ci)
     one = {"target_programs": 1}  # one split per (sequence, KV head): the loop sees every unit
     many = {"target_programs": 4096, "num_warps": 8, "maxnreg": 128, "min_tiles_per_split": 1}
     for launch in ({}, one, many, {"min_tiles_per_split": 3}):
         out = paged_decode_triton(*args, launch=launch, **kw).cpu()
-        for i in range(len(seq_lens)):
+        for i in range(len(ref)):
             assert _rel(out[i], ref[i]) < TOL[dt], (launch, i, _rel(out[i], ref[i]))
 
 
@@ -249,23 +253,9 @@ def test_decode_native_fp4_mma(ci):
 
     if DEVICE == "cuda" and not native_fp4_decode(torch.device("cuda")):
         pytest.skip("no block-scaled FP4 MMA on this GPU (interpreter and AOT cover it)")
-    kvl, fmt, sel, dt, D, Hkv, group, P, U = DECODE_CASES[ci]
-    lay = KVLayout(kvl, D, P, U, fmt, sel, dt)
     seq_lens = (1, 63, 65, 200)
-    budgets = BUDGET_ROTATIONS[ci % len(BUDGET_ROTATIONS)]
-    b = Batch(lay, seq_lens, (1,) * 4, Hkv, group, seed=320 + ci)
-    cache = _dev(b.cache)
-    write_kv_triton(_dev(b.key), _dev(b.value), cache, _dev(b.step_slots), lay)
-    b.cache = cache.cpu()
-    ref = paged_attention(lay, lay.views(b.cache), b.query, b.key, b.value,
-                          query_start_loc=b.qsl, seq_lens=list(seq_lens),
-                          block_table=b.block_table, fp16_budgets=list(budgets), scale=D**-0.5)
-    ks = [budget_to_k(f, BlockGrid(1, s, U, True)) for f, s in zip(budgets, seq_lens,
-                                                                    strict=True)]
-    kw = dict(block_table=_dev(b.block_table),
-              seq_lens=_dev(torch.tensor(seq_lens, dtype=torch.int32)),
-              num_fp16_blocks=_dev(torch.tensor(ks, dtype=torch.int32)), scale=D**-0.5)
-    args = (lay, cache, _dev(b.query), _dev(b.key), _dev(b.value))
+    dt, args, kw, ref = _decode_case(ci, seq_lens, BUDGET_ROTATIONS[ci % len(BUDGET_ROTATIONS)],
+                                     320 + ci)
     native = paged_decode_triton(*args, native=True, **kw).cpu()
     decoded = paged_decode_triton(*args, native=False, **kw).cpu()
     for i in range(len(seq_lens)):
@@ -282,28 +272,14 @@ def test_decode_reduce_merges_many_splits(ci):
     reference result (the first reduce held every split in one tile and spilled on sm90)."""
     from thrift_vllm.ops.attention import SPLIT_CHUNK, decode_split_plan
 
-    kvl, fmt, sel, dt, D, Hkv, group, P, U = DECODE_CASES[ci]
-    lay = KVLayout(kvl, D, P, U, fmt, sel, dt)
+    Hkv, U = DECODE_CASES[ci][5], DECODE_CASES[ci][8]
     seq_lens = (2 * SPLIT_CHUNK * U + 3 * U - 5, 70)
     n_max = -(-seq_lens[0] // U)
     splits, per = decode_split_plan(len(seq_lens), Hkv, n_max, 4096)
     assert per == 1 and splits > 2 * SPLIT_CHUNK and splits % SPLIT_CHUNK  # three loop steps
-    b = Batch(lay, seq_lens, (1,) * 2, Hkv, group, seed=310 + ci)
-    cache = _dev(b.cache)
-    write_kv_triton(_dev(b.key), _dev(b.value), cache, _dev(b.step_slots), lay)
-    b.cache = cache.cpu()
-    budgets = (0.05, 0.0)
-    ref = paged_attention(lay, lay.views(b.cache), b.query, b.key, b.value,
-                          query_start_loc=b.qsl, seq_lens=list(seq_lens),
-                          block_table=b.block_table, fp16_budgets=list(budgets), scale=D**-0.5)
-    ks = [budget_to_k(f, BlockGrid(1, s, U, True)) for f, s in zip(budgets, seq_lens,
-                                                                    strict=True)]
-    out = paged_decode_triton(lay, cache, _dev(b.query), _dev(b.key), _dev(b.value),
-                              block_table=_dev(b.block_table),
-                              seq_lens=_dev(torch.tensor(seq_lens, dtype=torch.int32)),
-                              num_fp16_blocks=_dev(torch.tensor(ks, dtype=torch.int32)),
-                              scale=D**-0.5,
-                              launch={"target_programs": 4096, "min_tiles_per_split": 1}).cpu()
+    dt, args, kw, ref = _decode_case(ci, seq_lens, (0.05, 0.0), 310 + ci)
+    out = paged_decode_triton(*args, launch={"target_programs": 4096, "min_tiles_per_split": 1},
+                              **kw).cpu()
     for i in range(len(seq_lens)):
         assert _rel(out[i], ref[i]) < TOL[dt], (i, _rel(out[i], ref[i]))
 
@@ -571,4 +547,6 @@ def test_native_fp4_decode_device_rule(monkeypatch):
     assert native_fp4_decode(torch.device("cpu")) is False
     for cap, want in (((12, 0), True), ((12, 1), True), ((10, 0), False), ((9, 0), False)):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None, c=cap: c)
+        native_fp4_decode.cache_clear()  # one answer per device is cached
         assert native_fp4_decode(torch.device("cuda", 0)) is want, cap
+    native_fp4_decode.cache_clear()

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -117,12 +118,13 @@ def paged_select_triton(
     return out
 
 
+@functools.cache
 def native_fp4_decode(device: torch.device) -> bool:
     """Whether the paged decode's FP4 dots go through the block-scaled MMA on ``device``:
     sm_120 (RTX / RTX PRO Blackwell) runs it at the decode's 16 query rows (warp-level
     ``mma.sync ... block_scale``, tests/test_blackwell_aot.py); sm_100 needs >= 128 rows
     (tcgen05), where Triton decomposes the dot into bf16 MMAs, so it keeps the decoded path of
-    Hopper, which has no FP4 MMA at all."""
+    Hopper, which has no FP4 MMA at all. Cached: it is asked on every decode launch."""
     return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 12
 
 

@@ -31,6 +31,12 @@ def _rows(t: torch.Tensor, pages: torch.Tensor) -> torch.Tensor:
     return g.reshape(g.shape[0], -1, g.shape[-1])
 
 
+def _cols(t: torch.Tensor, pages: torch.Tensor) -> torch.Tensor:
+    """``t [nb, H, D, X]`` (the auto layout's V, grouped along tokens) at ``pages`` -> ``[H, D,
+    n_pages * X]``: the pages side by side along tokens."""
+    return t[pages].permute(1, 2, 0, 3).flatten(-2)
+
+
 def _deq(data: torch.Tensor, scales: torch.Tensor, layout: KVLayout) -> torch.Tensor:
     """Stored FP4 bytes ``[..., R, X/2]`` + scale bytes -> bf16 ``[..., R, X]`` (exact)."""
     sc = scales.view(torch.float8_e4m3fn) if layout.quant_format == "nvfp4" else scales
@@ -39,15 +45,19 @@ def _deq(data: torch.Tensor, scales: torch.Tensor, layout: KVLayout) -> torch.Te
     return dequantize_fp4(qt)
 
 
+def _model_dtype_kv(views, pages: torch.Tensor, skv: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The auto layout's model-dtype K and V of the context, ``[H, skv, D]`` each."""
+    return _rows(views.k_hi, pages)[:, :skv], _rows(views.v_hi, pages)[:, :skv]
+
+
 def _packed_v_tokens(views, pages: torch.Tensor, skv: int, s_pad: int, group: int
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """The auto layout's V codes and scale bytes, pages side by side along tokens: uint8
     ``[H, D, s_pad/2]`` and ``[H, D, s_pad/G]``, with the codes of positions >= ``skv`` and
     the scales of groups starting there zeroed (the decoded path's zeros: stale slots of the
     last unit never enter; a stale scale byte could even be a NaN)."""
-    vp = views.v4[pages].permute(1, 2, 0, 3).flatten(-2)[:, :, :s_pad // 2].clone()
-    vs = views.v4_scales[pages].permute(1, 2, 0, 3).flatten(-2)[:, :, :s_pad // group]
-    vs = vs.view(torch.uint8).clone()
+    vp = _cols(views.v4, pages)[:, :, :s_pad // 2].clone()
+    vs = _cols(views.v4_scales, pages)[:, :, :s_pad // group].view(torch.uint8).clone()
     vp[:, :, -(-skv // 2):] = 0
     if skv % 2:  # the byte holding position skv - 1 (low nibble) and skv (high)
         vp[:, :, skv // 2] &= 0x0F
@@ -88,7 +98,7 @@ def prefill_sequence(layout: KVLayout, views, q: torch.Tensor, key: torch.Tensor
         packed = (kp, ks, vp, vs)
         packed_strides = (*kp.stride()[:3], *ks.stride()[:3], *vp.stride()[:3],
                           *vs.stride()[:3])
-        k16, v16 = _rows(views.k_hi, pages)[:, :skv], _rows(views.v_hi, pages)[:, :skv]
+        k16, v16 = _model_dtype_kv(views, pages, skv)
         k_sel = k16[None].contiguous()
         k4, kf, v4t, vf = kp, kp, vp, vp  # unused by the kernel
     else:
@@ -131,10 +141,9 @@ def _decoded_operands(layout: KVLayout, views, q: torch.Tensor, key: torch.Tenso
     [1, H, D]; model-dtype K/V [H, skv, D] for the FP16 blocks; the selection's keys."""
     sq = q.shape[2]
     k4 = _deq(_rows(views.k4, pages), _rows(views.k4_scales, pages), layout)[:, :skv]
-    if layout.kv_layout == "auto":  # v4 [nb, H, D, P/2]: pages side by side along tokens
-        v4t = _deq(views.v4[pages].permute(1, 2, 0, 3).flatten(-2),
-                   views.v4_scales[pages].permute(1, 2, 0, 3).flatten(-2), layout)
-        k16, v16, k_sel = _rows(views.k_hi, pages)[:, :skv], _rows(views.v_hi, pages)[:, :skv], None
+    if layout.kv_layout == "auto":
+        v4t = _deq(_cols(views.v4, pages), _cols(views.v4_scales, pages), layout)
+        (k16, v16), k_sel = _model_dtype_kv(views, pages, skv), None
     else:
         v4 = _deq(_rows(views.v4, pages), _rows(views.v4_scales, pages), layout)
         v4t = v4.transpose(1, 2)

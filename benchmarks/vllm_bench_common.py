@@ -162,7 +162,8 @@ def dump_json(path: str | os.PathLike, payload: dict) -> None:
 
 def thrift_config(args, budget: float | None) -> dict:
     """The backend's ``additional_config["thrift_vllm"]`` from the scripts' flags: ``impl``,
-    ``cuda_graphs`` (:func:`decode_graphs_setting`), ``bulk_math`` when not bf16, and
+    ``cuda_graphs`` (:func:`decode_graphs_setting`), ``bulk_math`` when not bf16, ``prefill``
+    / ``decode_math`` when not auto, and
     ``fp16_budget`` when ``budget`` is given (otherwise the backend's default)."""
     cfg = {"impl": args.impl}
     graphs = decode_graphs_setting(args)
@@ -171,6 +172,10 @@ def thrift_config(args, budget: float | None) -> dict:
     bulk_math = getattr(args, "bulk_math", "bf16")
     if bulk_math != "bf16":  # prefill's FP4 blocks on e4m3 operands, or native (Blackwell)
         cfg["bulk_math"] = bulk_math
+    for name in ("prefill", "decode_math"):  # routes; "auto" = the backend's per-device choice
+        value = getattr(args, name, "auto")
+        if value != "auto":
+            cfg[name] = value
     if budget is not None:
         cfg["fp16_budget"] = budget
     return cfg

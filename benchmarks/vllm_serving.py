@@ -9,8 +9,9 @@ prefill: requests go in through ``LLMEngine.add_request`` and ``step()`` is time
 every request has its first token (all prefills done) to the last token (``--decode-method
 step``; ``subtract`` = serving_smoke's "generate 1 token, then 257, subtract").
 
-Backends (``--backends``): ``FLASH_ATTN``, ``TRITON_ATTN``, ``thrift-auto`` (CUSTOM, kv dtype auto:
-model-dtype K/V + FP4 copies), ``thrift-nvfp4`` (CUSTOM, kv dtype nvfp4: FP4-only pages); budgets
+Backends (``--backends``): ``FLASH_ATTN``, ``FLASH_ATTN-fp8`` (fp8 pages), ``TRITON_ATTN``,
+``thrift-auto`` (CUSTOM, kv dtype auto: model-dtype K/V + FP4 copies), ``thrift-nvfp4`` (CUSTOM,
+kv dtype nvfp4: FP4-only pages; routes ``--prefill`` / ``--decode-math``); budgets
 ``--budgets`` (default 0,0.05,0.25). ``--budget-mode request`` (default) runs one thrift engine
 per layout and sends each budget as ``SamplingParams(extra_args={"fp16_budget": b})`` through the
 budget logits processor; vLLM 0.26 then runs model runner V1, so every engine of the run gets
@@ -29,16 +30,14 @@ the case's throughput) and one extra untimed run of each prefill case are profil
 row gets kernel milliseconds per step by group (thrift selection / decode / prefill / KV
 write, FlashAttention, GEMM, ...).
 
-One device call is < 10 minutes and an engine start costs 40-90 s (8B dummy, compile + graphs),
-so split the work; ``--time-budget`` (default 560 s) skips engines/cases that would not fit and
-the JSON is rewritten after every case. Sets that fit one call (estimates for the H200):
+A device call is < 10 minutes and an engine start 40-90 s (8B dummy, compile + graphs): split
+the work; ``--time-budget`` (default 560 s) skips what would not fit, the JSON is rewritten after
+every case. Sets that fit one call (estimates for the H200):
 
 - ``--quick`` (FLASH_ATTN + thrift-auto at budget 0.05): ~3-4 min
 - ``--backends FLASH_ATTN,TRITON_ATTN --cases capacity,prefill32k,decode8k``: ~4-5 min
 - ``--backends thrift-auto --cases capacity,prefill32k,decode8k``: ~5-6 min (3 budgets, 1 engine)
-- ``--backends thrift-nvfp4 --cases capacity,prefill32k,decode8k``: ~5-6 min
 - ``--backends FLASH_ATTN,thrift-auto --budgets 0.05 --cases decode32k``: ~5 min
-- ``--backends thrift-auto,thrift-nvfp4 --budgets 0.05 --cases capacity,decode32k``: ~5-6 min
 - ``--backends FLASH_ATTN --cases decode128k`` then ``--backends thrift-auto --budgets 0.05 --cases
   decode128k`` (one each; TRITON_ATTN's 128K prefill alone is ~4 min)
 - ``--backends thrift-nvfp4 --budgets 0.05 --cases capacity,fit32k``: ~6-8 min (fit32k prefill is
@@ -355,6 +354,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--piecewise-decode", action="store_true",
                    help="thrift config cuda_graphs off (piecewise graphs, attention eager)")
     # = thrift_vllm.backend.config.BACKEND_BULK_MATHS (not imported here: it pulls in torch)
+    # = thrift_vllm.backend.config.PREFILLS / DECODE_MATHS (not imported: torch)
+    p.add_argument("--prefill", choices=("auto", "flash", "thrift"), default="auto",
+                   help="thrift backend config prefill (route; auto: the backend's choice)")
+    p.add_argument("--decode-math", choices=("auto", "fp4", "fp16"), default="auto",
+                   help="thrift backend config decode_math (auto: the backend's choice)")
     p.add_argument("--bulk-math", choices=("bf16", "fp8", "native"), default="bf16",
                    help="thrift backend config bulk_math (prefill arithmetic of FP4 blocks; "
                    "native: Blackwell, thrift-auto only)")

@@ -26,6 +26,9 @@ BACKENDS = {
     "FLASH_ATTN": {"attention_backend": "FLASH_ATTN", "kv_cache_dtype": "auto", "thrift": False},
     "TRITON_ATTN": {"attention_backend": "TRITON_ATTN", "kv_cache_dtype": "auto",
                     "thrift": False},
+    # FA3 on fp8 (e4m3) pages: 2x the tokens of bf16, the first thing a Hopper user tries
+    "FLASH_ATTN-fp8": {"attention_backend": "FLASH_ATTN", "kv_cache_dtype": "fp8",
+                       "thrift": False},
     "thrift-auto": {"attention_backend": "CUSTOM", "kv_cache_dtype": "auto", "thrift": True},
     "thrift-nvfp4": {"attention_backend": "CUSTOM", "kv_cache_dtype": "nvfp4", "thrift": True},
 }
@@ -44,6 +47,7 @@ class Case:
 CASES = {
     "capacity": Case("capacity", "capacity", 0, 0, 0, 0),
     "prefill32k": Case("prefill32k", "prefill", 4, 32768, 1, 25),
+    "prefill128k": Case("prefill128k", "prefill", 1, 131072, 1, 40),
     "decode8k": Case("decode8k", "decode", 16, 8192, 256, 25),
     "decode32k": Case("decode32k", "decode", 16, 32768, 256, 70),
     # One request: the latency side (the server sweep's concurrency 1), where per-step fixed
@@ -57,8 +61,8 @@ QUICK_CASES = {
     "prefill8k": Case("prefill8k", "prefill", 2, 8192, 1, 5),
     "decode4k": Case("decode4k", "decode", 8, 4096, 64, 8),
 }
-TABLE_CASES = ("prefill32k", "prefill8k", "decode8k", "decode4k", "decode1x32k", "decode32k",
-               "decode128k", "fit32k")
+TABLE_CASES = ("prefill32k", "prefill128k", "prefill8k", "decode8k", "decode4k", "decode1x32k",
+               "decode32k", "decode128k", "fit32k")
 
 
 # ---------------------------------------------------------------------------------------------

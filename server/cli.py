@@ -86,7 +86,7 @@ def build_parser():
 
     make_arg_parser = openai_server_api()["make_arg_parser"]
 
-    from thrift_vllm.backend.config import BACKEND_BULK_MATHS
+    from thrift_vllm.backend.config import BACKEND_BULK_MATHS, DECODE_MATHS, PREFILLS
     from thrift_vllm.selection import SELECTIONS
 
     parser = FlexibleArgumentParser(
@@ -118,6 +118,14 @@ def build_parser():
                    help="prefill arithmetic of the FP4 blocks on the Triton path: bf16 (exact "
                    "FP4 semantics), fp8 (faster on Hopper, approximate) or native (Blackwell "
                    "block-scaled MMA, exact; --kv-layout auto); default bf16")
+    g.add_argument("--prefill", choices=PREFILLS, default=None,
+                   help="prefill route: flash = exact attention through vLLM's FlashAttention-3 "
+                   "(Hopper; FP4 pages still written), thrift = the FP4 prefill semantics with "
+                   "--bulk-math, auto = flash where it runs; the startup line says which")
+    g.add_argument("--decode-math", choices=DECODE_MATHS, default=None,
+                   help="decode arithmetic: fp16 = FP4 pages decoded, q and P in the model dtype "
+                   "(GPUs without FP4 MMAs), fp4 = the paper's FP4 semantics (FP4 MMAs on "
+                   "sm_120), auto = by device")
     g.add_argument("--no-budget-cache-salt", action="store_true",
                    help="do not add a per-budget cache_salt (only safe with prefix caching off)")
     g.add_argument("--warmup-tokens", type=int, default=None,
@@ -218,8 +226,9 @@ def prepare(argv: list[str]):
         thrift["fp16_budget"] = args.fp16_budget
     if args.selection is not None:
         thrift["selection"] = args.selection
-    if args.bulk_math is not None:
-        thrift["bulk_math"] = args.bulk_math
+    for name in ("bulk_math", "prefill", "decode_math"):
+        if getattr(args, name) is not None:
+            thrift[name] = getattr(args, name)
     try:
         backend = ThriftBackendConfig.from_mapping(
             thrift, base=ThriftBackendConfig.from_mapping(_env_values()))
@@ -235,7 +244,9 @@ def prepare(argv: list[str]):
 
     keys = [k for k in (args.api_key or [envs.VLLM_API_KEY]) if k]
     backend_info = {k: getattr(backend, k) for k in ("selection", "quant_format", "block_size",
-                                                     "impl", "bulk_math")}
+                                                     "impl", "bulk_math", "prefill",
+                                                     "decode_math")}
+    backend_info.update(_routes_info(backend, args.kv_cache_dtype or "auto"))
     middleware.configure({
         "budget": budget.as_dict(), "api_keys": keys,
         "cache_salt": not args.no_budget_cache_salt,
@@ -245,8 +256,23 @@ def prepare(argv: list[str]):
     })
     if MIDDLEWARE not in args.middleware:
         args.middleware = [*list(args.middleware or []), MIDDLEWARE]
-    info.update(budget=budget, backend=backend, kv_layout=args.kv_cache_dtype or "auto")
+    info.update(budget=budget, backend=backend, kv_layout=args.kv_cache_dtype or "auto",
+                routes=backend_info)
     return args, info
+
+
+def _routes_info(backend, kv_layout: str) -> dict:
+    """The routes the engine will resolve on this machine's first device and what the budget
+    changes there (``/v1/thrift/config``; the engine logs the same at start)."""
+    import torch
+
+    from thrift_vllm.backend.routes import resolve_routes
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    r = resolve_routes(backend, device)
+    effect, text = r.budget_effect(kv_layout)
+    return {"decode_math_resolved": r.decode_math, "prefill_resolved": r.prefill,
+            "fp16_budget_has_effect": effect, "fp16_budget_effect": text}
 
 
 def startup_line(args, info) -> str:
@@ -265,7 +291,8 @@ def startup_line(args, info) -> str:
                           if info["placeholder"] else "")
     return (f"thrift-vllm serve: model={model} device={device} backend=ThriftAttention "
             f"(CUSTOM; impl={be.impl}, selection={be.selection}, {be.quant_format}, "
-            f"block {be.block_size}, prefill {be.bulk_math}) kv_layout={info['kv_layout']} "
+            f"block {be.block_size}, prefill {be.prefill}, bulk {be.bulk_math}, decode_math "
+            f"{be.decode_math}) kv_layout={info['kv_layout']} "
             f"fp16_budget default={b.default} cap={b.cap} over_cap={b.over_cap}")
 
 
@@ -375,6 +402,9 @@ def serve(argv: list[str]) -> int:
     logger = init_logger("vllm.thrift_vllm.server")
     line = startup_line(args, info)
     (logger.warning if info["placeholder"] else logger.info)(line)
+    routes = info["routes"]
+    (logger.info if routes["fp16_budget_has_effect"] else logger.warning)(
+        "thrift-vllm serve: " + routes["fp16_budget_effect"])
     try:
         uvloop.run(_run_server(args, info, logger))
     except KeyboardInterrupt:

@@ -389,3 +389,21 @@ def test_serving_bulk_math_choices_match_the_backend(serving):
     common = sys.modules.get("vllm_bench_common") or __import__("vllm_bench_common")
     cfg = common.thrift_config(parser.parse_args(["--bulk-math", "native"]), 0.05)
     assert cfg["bulk_math"] == "native"
+
+
+def test_serving_route_choices_match_the_backend(serving):
+    """--prefill / --decode-math list the backend's values by hand; they stay equal, reach the
+    engine's thrift config when not auto, and FLASH_ATTN-fp8 asks vLLM for fp8 pages."""
+    from thrift_vllm.backend.config import DECODE_MATHS, PREFILLS
+
+    parser = serving.build_parser()
+    for dest, values in (("prefill", PREFILLS), ("decode_math", DECODE_MATHS)):
+        action = next(a for a in parser._actions if a.dest == dest)
+        assert tuple(action.choices) == values
+    common = sys.modules.get("vllm_bench_common") or __import__("vllm_bench_common")
+    assert "prefill" not in common.thrift_config(parser.parse_args([]), None)
+    cfg = common.thrift_config(parser.parse_args(["--prefill", "thrift", "--decode-math", "fp4"]),
+                               None)
+    assert (cfg["prefill"], cfg["decode_math"]) == ("thrift", "fp4")
+    lib = sys.modules.get("vllm_serving_lib") or __import__("vllm_serving_lib")
+    assert lib.BACKENDS["FLASH_ATTN-fp8"]["kv_cache_dtype"] == "fp8"

@@ -200,7 +200,7 @@ def dequantize(qt: QuantizedTensor, dtype: torch.dtype | None = None) -> torch.T
     group = qt.group_size
     codes = unpack_codes(qt.data)
     vals = e2m1_decode(codes)
-    vals = vals.reshape(*vals.shape[:-1], -1, group)
+    vals = vals.reshape(*vals.shape[:-1], vals.shape[-1] // group, group)  # -1: empty inputs
     vals = vals * scales_to_float(qt.scales, qt.quant_format).unsqueeze(-1)
     vals = vals.flatten(-2)[..., : qt.shape[qt.axis]]
     return vals.movedim(-1, qt.axis).to(dtype or qt.dtype)

@@ -12,7 +12,9 @@ H200's): the same interface plus ``get_kv_cache_shape``, no ``customize_spec`` /
 
 from __future__ import annotations
 
+import functools
 import re
+from collections.abc import Callable
 
 SUPPORTED_MIN = (0, 32)  # inclusive (major, minor)
 SUPPORTED_MAX = (0, 33)  # inclusive (major, minor)
@@ -150,6 +152,33 @@ def install_spec_hook_026(backend_qualname: str, bytes_per_head_token, attention
     return True
 
 
+@functools.cache
+def flash_attn_varlen(device_type: str) -> tuple[Callable | None, str | None]:
+    """vLLM's FlashAttention-3 varlen function (``vllm.vllm_flash_attn.flash_attn_varlen_func``
+    with ``fa_version=3``) for the prefill route, or ``(None, why not)``. Hopper only: the
+    route's strided page views were checked with FA3 (benchmarks/vllm_gpu_check.py); vLLM's
+    FA2 / FA4 builds (other GPUs) are not used. Cached: asked per engine."""
+    if device_type != "cuda":
+        return None, f"vLLM's FlashAttention runs on CUDA devices, not {device_type}"
+    import torch
+
+    cap = torch.cuda.get_device_capability()
+    if cap[0] != 9:
+        return None, (f"the flash route uses FlashAttention-3 (Hopper, sm_90); this GPU is "
+                      f"sm_{cap[0]}{cap[1]}")
+    try:
+        from vllm.vllm_flash_attn import flash_attn_varlen_func
+        from vllm.vllm_flash_attn.flash_attn_interface import (
+            fa_version_unsupported_reason,
+            is_fa_version_supported,
+        )
+    except ImportError as e:
+        return None, f"this vLLM build has no vllm.vllm_flash_attn ({e})"
+    if not is_fa_version_supported(3):
+        return None, f"FlashAttention-3 unsupported here: {fa_version_unsupported_reason(3)}"
+    return functools.partial(flash_attn_varlen_func, fa_version=3), None
+
+
 def cpu_platform_cls() -> type:
     """vLLM's CPU platform class (imported on demand: it probes the host when imported)."""
     from vllm.platforms.cpu import CpuPlatform
@@ -255,6 +284,7 @@ __all__ = [
     "VllmConfig",
     "check_version",
     "cpu_platform_cls",
+    "flash_attn_varlen",
     "get_current_vllm_config",
     "get_current_vllm_config_or_none",
     "get_logger",

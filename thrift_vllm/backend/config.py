@@ -23,13 +23,20 @@ from typing import Any
 
 from thrift_vllm.api import BLOCK_SIZES, IMPLS
 from thrift_vllm.formats import check_format
-from thrift_vllm.selection import check_selection
+from thrift_vllm.selection import BlockGrid, budget_to_k, check_selection
 
 ADDITIONAL_CONFIG_KEY = "thrift_vllm"
 ENV_PREFIX = "THRIFT_VLLM_"
 # Prefill's FP4-block arithmetic on the Triton path: bf16 (exact, any GPU), fp8 (Hopper's fast
 # approximation), native (Blackwell's block-scaled MMA on the packed pages, exact, auto layout).
 BACKEND_BULK_MATHS = ("bf16", "fp8", "native")
+# Prefill route: flash = exact attention through vLLM's FlashAttention (FP4 pages still written);
+# thrift = the FP4 prefill semantics with bulk_math; auto = flash where it runs (Hopper FA3).
+PREFILLS = ("auto", "flash", "thrift")
+# Decode arithmetic: fp4 = the paper's semantics (q and P quantised to FP4: what FP4 tensor cores
+# compute), fp16 = FP4 as storage (K/V decoded, q and P in the model dtype); auto = fp4 where the
+# decode runs on FP4 MMAs (sm_120), fp16 elsewhere (Hopper, sm_100, CPU).
+DECODE_MATHS = ("auto", "fp4", "fp16")
 
 
 def check_budget(value: Any, what: str = "fp16_budget") -> float:
@@ -59,12 +66,12 @@ class ThriftBackendConfig:
     ``torch`` (the PyTorch path everywhere), ``triton`` (the kernels everywhere; on CPU only
     under ``TRITON_INTERPRET=1``, for tests)."""
     bulk_math: str = "bf16"
-    """Arithmetic of the FP4 blocks in prefill on the Triton path: ``bf16`` (the exact FP4
-    semantics) or ``fp8`` (e4m3 operands, P in e4m3: Hopper's fast path, approximate — on the
-    embedded model thrift 5 % recovers 93 % of the FP4 gap with it instead of 95 %), or
+    """Arithmetic of the FP4 blocks in the ``thrift`` prefill route (Triton path): ``bf16`` (the
+    exact FP4 semantics) or ``fp8`` (e4m3 operands, P in e4m3: Hopper's fast path, approximate —
+    on the embedded model thrift 5 % recovers 93 % of the FP4 gap with it instead of 95 %), or
     ``native`` (Blackwell: the packed pages straight into the block-scaled MMA, exact; the
-    ``auto`` KV layout only). Decode always runs the FP4 decode kernel (block-scaled MMAs on
-    sm_120 by itself); the PyTorch path computes ``bf16`` only."""
+    ``auto`` KV layout only). Decode arithmetic is ``decode_math``'s; the PyTorch path computes
+    ``bf16`` only."""
     cuda_graphs: bool = True
     """Declare FULL CUDA graphs for pure-decode batches (``UNIFORM_SINGLE_TOKEN_DECODE``) on the
     Triton path: the builder keeps the decode inputs in persistent buffers. On by default since
@@ -72,6 +79,20 @@ class ThriftBackendConfig:
     --full-decode-graphs``: greedy, teacher-forced, prefix hits, preemption; BENCHMARKS.md) and
     decodes up to 3.8x faster than piecewise at 16 x 8K; ``false``: vLLM captures the model
     piecewise and runs attention eagerly between the pieces."""
+
+    prefill: str = "auto"
+    """Prefill (query chunks longer than one token) route: ``flash`` computes the prompt's
+    attention exactly with vLLM's FlashAttention-3 (``vllm.vllm_flash_attn``; Hopper): the
+    ``auto`` layout's model-dtype K/V read in place, the ``nvfp4`` layout's context decoded from
+    the pages and the chunk's own K/V fresh; the FP4 pages and summaries are written as always.
+    ``thrift``: the FP4 prefill semantics with ``bulk_math``. ``auto``: ``flash`` where it runs
+    and ``bulk_math`` is ``bf16``, else ``thrift`` (CPU, other GPUs, builds without FA3); the
+    engine logs which at start."""
+    decode_math: str = "auto"
+    """Decode arithmetic: ``fp4`` (the paper's exact semantics: q and P quantised to FP4, as FP4
+    tensor cores compute), ``fp16`` (FP4 as storage: K/V decoded from the pages, q and P in the
+    model dtype — fewer ALU operations and smaller error on GPUs without FP4 MMAs), ``auto``:
+    ``fp4`` on sm_120 (block-scaled FP4 MMA in decode), ``fp16`` everywhere else."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "fp16_budget", check_budget(self.fp16_budget))
@@ -87,6 +108,14 @@ class ThriftBackendConfig:
         if self.bulk_math != "bf16" and self.impl == "torch":
             raise ValueError(f"bulk_math {self.bulk_math!r} runs on the Triton kernels only; "
                              "impl 'torch' computes the exact FP4 semantics (bulk_math 'bf16')")
+        if self.prefill not in PREFILLS:
+            raise ValueError(f"prefill must be one of {PREFILLS}, got {self.prefill!r}")
+        if self.decode_math not in DECODE_MATHS:
+            raise ValueError(f"decode_math must be one of {DECODE_MATHS}, got "
+                             f"{self.decode_math!r}")
+        if self.prefill == "flash" and self.bulk_math != "bf16":
+            raise ValueError(f"bulk_math {self.bulk_math!r} has no effect with prefill 'flash' "
+                             "(exact attention, no FP4 blocks): use prefill 'thrift' or 'auto'")
         if not isinstance(self.cuda_graphs, bool):
             raise ValueError(f"cuda_graphs must be true or false, got {self.cuda_graphs!r}")
 
@@ -108,6 +137,26 @@ class ThriftBackendConfig:
                     f"FP4 MMA); this one is sm_{capability[0]}{capability[1]}: use 'bf16' or "
                     f"'fp8'")
         return None
+
+    def resolve_prefill(self, flash_problem: str | None) -> str:
+        """The prefill route this engine runs: ``flash`` or ``thrift``. ``flash_problem``: why
+        vLLM's FlashAttention cannot run here (None when it can). An explicit ``flash`` that
+        cannot run raises ValueError at engine start; ``auto`` keeps ``thrift`` where a
+        ``bulk_math`` other than bf16 asks for the FP4 prefill math."""
+        if self.prefill == "thrift":
+            return "thrift"
+        if self.prefill == "flash":
+            if flash_problem:
+                raise ValueError(f"prefill 'flash' cannot run: {flash_problem}; use prefill "
+                                 "'thrift' or 'auto'")
+            return "flash"
+        return "flash" if flash_problem is None and self.bulk_math == "bf16" else "thrift"
+
+    def resolve_decode_math(self, fp4_mma: bool) -> str:
+        """``fp4`` or ``fp16``; ``fp4_mma``: the decode's dots run on FP4 MMAs (sm_120)."""
+        if self.decode_math != "auto":
+            return self.decode_math
+        return "fp4" if fp4_mma else "fp16"
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:
@@ -133,6 +182,58 @@ class ThriftBackendConfig:
         if isinstance(extra, Mapping) and ADDITIONAL_CONFIG_KEY in extra:
             cfg = cls.from_mapping(extra[ADDITIONAL_CONFIG_KEY], base=cfg)
         return cfg
+
+
+def budget_effect(kv_layout: str, decode_math: str, prefill: str) -> tuple[bool, str]:
+    """What ``fp16_budget`` changes for pages of ``kv_layout`` ("auto" / "nvfp4") with the
+    resolved ``decode_math`` ("fp4" / "fp16") and ``prefill`` route ("flash" / "thrift"):
+    ``(changes_anything, one sentence)`` for the startup log and ``/v1/thrift/config``."""
+    parts = []
+    if kv_layout == "auto":
+        parts.append("decode: the share of key units read from the model-dtype copy, the rest "
+                     + ("from FP4 pages in the model dtype's arithmetic (decode_math fp16)"
+                        if decode_math == "fp16" else "in FP4 arithmetic (decode_math fp4)"))
+    elif decode_math == "fp4":
+        parts.append("decode: the share of key units computed in 16-bit arithmetic on the "
+                     "decoded FP4 pages, the rest in FP4 arithmetic (the nvfp4 layout keeps no "
+                     "model-dtype copy)")
+    if prefill == "thrift":
+        parts.append("prefill: the share of query-key blocks computed in 16-bit arithmetic, the "
+                     "rest in FP4 arithmetic (bulk_math)")
+    if not parts:
+        return False, (f"fp16_budget has no effect with the {kv_layout} layout, decode_math "
+                       f"{decode_math} and prefill {prefill}: prefill is exact, and decode reads "
+                       "every key from the FP4 pages in 16-bit arithmetic (this layout keeps no "
+                       "model-dtype copy to spend a budget on)")
+    return True, "fp16_budget sets, in " + "; in ".join(parts)
+
+
+def startup_lines(kv_layout: str, decode_math: str, prefill: str, flash_problem: str | None
+                  ) -> list[tuple[str, str]]:
+    """``(level, message)`` lines an engine logs once at start: the resolved routes, why the
+    flash prefill does not run where it does not, and the budget's effect (a warning when the
+    budget changes nothing, so a budget a user sends is never silently meaningless)."""
+    route = f"ThriftAttention: decode_math {decode_math}, prefill {prefill}"
+    if prefill == "thrift" and flash_problem:
+        route += f" (FlashAttention prefill not used: {flash_problem})"
+    effect, text = budget_effect(kv_layout, decode_math, prefill)
+    return [("info", route + "."), ("info" if effect else "warning", text + ".")]
+
+
+def fp16_units(budget: float, grid: BlockGrid, kv_layout: str, decode_math: str,
+               prefill: str) -> int:
+    """FP16 blocks per query-block row that the attention really computes for one sequence
+    (``grid``): the budget's ``budget_to_k`` where the budget applies (:func:`budget_effect`);
+    every candidate for a flash prefill of the ``auto`` layout (exact, model-dtype K/V); 0 where
+    no key comes from model-dtype values (the nvfp4 layout's flash prefill context and its fp16
+    decode, which reads only FP4 pages). Feeds the decode launch and the realised-share metric."""
+    if grid.seq_len_q == 1:
+        if kv_layout == "nvfp4" and decode_math == "fp16":
+            return 0
+        return budget_to_k(budget, grid)
+    if prefill == "flash":
+        return budget_to_k(1.0, grid) if kv_layout == "auto" else 0
+    return budget_to_k(budget, grid)
 
 
 def boolean(raw: str) -> bool:

@@ -68,6 +68,40 @@ def bytes_per_head_token(kv_cache_dtype: str | None, head_size: int, dtype: torc
     return layout_for(kv_cache_dtype, head_size, unit, config, dtype).bytes_per_head_token
 
 
+def impl_problems(*, sliding_window, alibi_slopes, logits_soft_cap, sinks, attn_type, decoder: bool,
+                  kv_cache_dtype: str, kv_sharing: bool, head_size: int, unsupported: dict
+                  ) -> list[str]:
+    """The attention-layer features (vLLM's ``AttentionImpl`` arguments) the backend lacks."""
+    features = {
+        "sliding window": sliding_window is not None,
+        "ALiBi": alibi_slopes is not None,
+        "logits soft-capping": bool(logits_soft_cap),
+        "attention sinks": sinks is not None,
+        f"attention type {attn_type!r} (decoder only)": not decoder,
+        f"kv_cache_dtype {kv_cache_dtype!r} (supported: {list(KV_CACHE_DTYPES)})":
+            kv_cache_dtype not in KV_CACHE_DTYPES,
+        "KV sharing with the nvfp4 layout (it needs each layer's fresh K/V)":
+            kv_sharing and kv_cache_dtype == "nvfp4",
+        f"head size {head_size} (supported: {HEAD_SIZES})": head_size not in HEAD_SIZES,
+        f"extra arguments {sorted(unsupported)}": bool(unsupported),
+    }
+    return [name for name, on in features.items() if on]
+
+
+def kv_cache_shape(num_blocks: int, block_size: int, num_kv_heads: int, head_size: int,
+                   cache_dtype_str: str, config: ThriftBackendConfig) -> tuple[int, int, int, int]:
+    """vLLM 0.26's per-layer cache shape ``[num_blocks, Hkv, P, C / itemsize]``: itemsize 2 for
+    "auto" (the spec dtype is the model dtype), 1 for "nvfp4" (uint8)."""
+    problem = page_size_problem(block_size, config)
+    if problem:
+        raise ValueError(problem)
+    c = bytes_per_head_token(cache_dtype_str, head_size, torch.float16, config)
+    item = 1 if layout_name(cache_dtype_str) == "nvfp4" else 2
+    if c % item:
+        raise ValueError(f"{c} bytes per head-token do not fill whole {item}-byte elements")
+    return (num_blocks, num_kv_heads, block_size, c // item)
+
+
 def startup_line(head_size: int, num_kv_heads: int, dtype: torch.dtype,
                  config: ThriftBackendConfig, kv_cache_dtype: str | None, page_size: int) -> str:
     """Both layouts' bytes per token per layer against vLLM's stock pages, and which is used."""

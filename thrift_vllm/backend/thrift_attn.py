@@ -11,16 +11,18 @@ policy. ``customize_spec`` sets vLLM's bytes per head per token (``state_content
 vLLM's capacity in tokens is what the pages really hold.
 
 Write / forward: ``thrift_vllm.paged.write_kv`` / ``paged_attention`` on CPU (PyTorch; per
-sequence, the query chunk against its pages, bottom-right causal, so prefill, chunked prefill,
-decode and mixed batches are one code path). With config ``impl`` "triton" (or "auto" on CUDA):
-``thrift_vllm.ops.kv_write.write_kv_triton`` and, for the sequences with one new token, one
-paged decode launch (``ops.paged_attention.paged_decode_batch``) whose device inputs the
-builder makes once per step (:class:`DecodeBatch`); longer query chunks go through
-``ops.paged_attention.paged_attention_triton`` (gathered pages, the prefill kernel).
+sequence, the query chunk against its pages, bottom-right causal). With config ``impl``
+"triton" (or "auto" on CUDA): ``ops.kv_write.write_kv_triton``; the one-token sequences in one
+paged decode launch (``ops.paged_attention.paged_decode_batch``, arithmetic per config
+``decode_math``); longer query chunks through vLLM's FlashAttention-3, exact (prefill route
+"flash", ``ops.flash_prefill``), or the gathered FP4 prefill kernel (route "thrift",
+``ops.paged_attention.paged_attention_triton``). The builder makes every per-step device input
+once (:class:`DecodeBatch`, :class:`FlashPrefillBatch`) for all layers.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -49,14 +51,16 @@ from thrift_vllm.backend.compat import (
 )
 from thrift_vllm.backend.config import ThriftBackendConfig
 from thrift_vllm.backend.decode_batch import GraphDecodeBuffers
+from thrift_vllm.backend.routes import resolve_routes
 from thrift_vllm.kv_layout import HEAD_SIZES, KVLayout
+from thrift_vllm.ops.flash_prefill import FlashPrefillBatch, flash_prefill
 from thrift_vllm.ops.kv_write import write_kv_triton
 from thrift_vllm.ops.paged_attention import (
     DecodeBatch,
     paged_attention_triton,
     paged_decode_batch,
 )
-from thrift_vllm.selection import BlockGrid, budget_to_k
+from thrift_vllm.selection import BlockGrid
 
 logger = get_logger(__name__)
 
@@ -82,9 +86,13 @@ class ThriftAttentionMetadata:
     fp16_budgets: list[float]  # per sequence
     num_fp16_blocks: list[int]  # per sequence: blocks per query-block row (budget_to_k)
     page_size: int
+    decode_math: str = "fp4"  # resolved config decode_math: "fp4" or "fp16"
     # Triton path: the one-token sequences' decode inputs, made once per step by the builder
     # (None: there are none this step, or the PyTorch path runs).
     decode: DecodeBatch | None = None
+    # The prefill rows' exact FlashAttention route (None: none this step, or route "thrift").
+    flash_prefill: FlashPrefillBatch | None = None
+    varlen_attn: Callable | None = None
 
 
 class ThriftAttentionMetadataBuilder(AttentionMetadataBuilder[ThriftAttentionMetadata]):
@@ -107,6 +115,14 @@ class ThriftAttentionMetadataBuilder(AttentionMetadataBuilder[ThriftAttentionMet
         problem = self.config.bulk_math_problem(device.type, cap)
         if problem:
             raise ValueError(problem)
+        # Decodes first: the prefill rows form one run of the batch (one FlashAttention call).
+        self.reorder_batch_threshold = 1
+        self.kv_layout = kv_pages.layout_name(vllm_config.cache_config.cache_dtype)
+        r = resolve_routes(self.config, device)
+        self.decode_math, self.prefill, self.varlen_attn = r.decode_math, r.prefill, r.varlen_attn
+        for level, line in config.startup_lines(self.kv_layout, r.decode_math, r.prefill,
+                                                r.flash_problem):
+            getattr(logger, f"{level}_once")(line)
         self.graph_buffers = None
         if self.use_triton and self.config.cuda_graphs:
             max_len = vllm_config.model_config.max_model_len
@@ -154,7 +170,8 @@ class ThriftAttentionMetadataBuilder(AttentionMetadataBuilder[ThriftAttentionMet
                 continue
             grid = BlockGrid(seq_len_q=sq, seq_len_kv=skv, block_size=self.config.block_size,
                              causal=True)
-            ks.append(budget_to_k(budgets[i], grid))
+            ks.append(config.fp16_units(budgets[i], grid, self.kv_layout, self.decode_math,
+                                        self.prefill))
             grids.append(grid)
         stats.record_step(grids, ks, budgets)  # realised FP16 share, for /metrics
         return ThriftAttentionMetadata(
@@ -171,7 +188,12 @@ class ThriftAttentionMetadataBuilder(AttentionMetadataBuilder[ThriftAttentionMet
             fp16_budgets=budgets,
             num_fp16_blocks=ks,
             page_size=self.page_size,
+            decode_math=self.decode_math,
             decode=self._decode_batch(common, qsl, seq_lens, ks),
+            flash_prefill=None if self.varlen_attn is None or common.max_query_len <= 1 else
+            FlashPrefillBatch.make(qsl, seq_lens, common.block_table_tensor,
+                                   gather=self.kv_layout == "nvfp4"),
+            varlen_attn=self.varlen_attn,
         )
 
     def _decode_batch(self, common: CommonAttentionMetadata, qsl: list[int],
@@ -217,15 +239,8 @@ class ThriftAttentionBackend(AttentionBackend):
         """vLLM 0.26 only (0.32+ shapes pages from ``customize_spec``): the per-layer cache
         ``[num_blocks, Hkv, P, C / itemsize]``, itemsize 2 for "auto" (the spec dtype is the
         model dtype) and 1 for "nvfp4" (uint8); the same bytes as 0.32's LBHNC view."""
-        cfg = _config()
-        problem = kv_pages.page_size_problem(block_size, cfg)
-        if problem:
-            raise ValueError(problem)
-        c = kv_pages.bytes_per_head_token(cache_dtype_str, head_size, torch.float16, cfg)
-        item = 1 if kv_pages.layout_name(cache_dtype_str) == "nvfp4" else 2
-        if c % item:
-            raise ValueError(f"{c} bytes per head-token do not fill whole {item}-byte elements")
-        return (num_blocks, num_kv_heads, block_size, c // item)
+        return kv_pages.kv_cache_shape(num_blocks, block_size, num_kv_heads, head_size,
+                                       cache_dtype_str, _config())
 
     @classmethod
     def customize_spec(cls, spec: AttentionSpec) -> AttentionSpec:
@@ -288,21 +303,12 @@ class ThriftAttentionImpl(AttentionImpl[ThriftAttentionMetadata]):
         sinks: torch.Tensor | None = None,
         **unsupported,
     ) -> None:
-        unsupported_features = {
-            "sliding window": sliding_window is not None,
-            "ALiBi": alibi_slopes is not None,
-            "logits soft-capping": bool(logits_soft_cap),
-            "attention sinks": sinks is not None,
-            f"attention type {attn_type!r} (decoder only)": attn_type != AttentionType.DECODER,
-            f"kv_cache_dtype {kv_cache_dtype!r} (supported: {list(kv_pages.KV_CACHE_DTYPES)})":
-                kv_cache_dtype not in kv_pages.KV_CACHE_DTYPES,
-            "KV sharing with the nvfp4 layout (it needs each layer's fresh K/V)":
-                kv_sharing_target_layer_name is not None and kv_cache_dtype == "nvfp4",
-            f"head size {head_size} (supported: {SUPPORTED_HEAD_SIZES})":
-                head_size not in SUPPORTED_HEAD_SIZES,
-            f"extra arguments {sorted(unsupported)}": bool(unsupported),
-        }
-        bad = [name for name, on in unsupported_features.items() if on]
+        bad = kv_pages.impl_problems(
+            sliding_window=sliding_window, alibi_slopes=alibi_slopes,
+            logits_soft_cap=logits_soft_cap, sinks=sinks, attn_type=attn_type,
+            decoder=attn_type == AttentionType.DECODER, kv_cache_dtype=kv_cache_dtype,
+            kv_sharing=kv_sharing_target_layer_name is not None, head_size=head_size,
+            unsupported=unsupported)
         if bad:
             raise NotImplementedError(f"ThriftAttention backend does not support: {', '.join(bad)}")
         self.num_heads = num_heads
@@ -379,18 +385,22 @@ class ThriftAttentionImpl(AttentionImpl[ThriftAttentionMetadata]):
             layout, layout.views(kv_cache), query, key, value,
             query_start_loc=md.query_start_loc_host, seq_lens=md.seq_lens_host,
             block_table=md.block_table[:md.num_reqs], fp16_budgets=md.fp16_budgets,
-            scale=self.scale, output=output)
+            scale=self.scale, output=output, decode_math=md.decode_math)
         return output
 
     def _forward_triton(self, layout: KVLayout, query: torch.Tensor, key: torch.Tensor,
                         value: torch.Tensor, kv_cache: torch.Tensor,
                         md: ThriftAttentionMetadata, output: torch.Tensor) -> torch.Tensor:
-        """One paged decode launch for the one-token sequences, the gathered prefill path for
-        the others (``paged_attention_triton`` skips the one-token ones)."""
+        """One paged decode launch for the one-token sequences; the others through the exact
+        FlashAttention route, or the gathered FP4 prefill (``paged_attention_triton`` skips the
+        one-token ones)."""
         if md.decode is not None:
             paged_decode_batch(layout, kv_cache, query, key, value, md.decode,
-                               scale=self.scale, output=output)
-        if md.max_query_len > 1:
+                               scale=self.scale, output=output, math=md.decode_math)
+        if md.flash_prefill is not None:
+            flash_prefill(layout, kv_cache, query, key, value, md.flash_prefill,
+                          scale=self.scale, output=output, varlen_attn=md.varlen_attn)
+        elif md.max_query_len > 1:
             paged_attention_triton(
                 layout, kv_cache, query, key, value, query_start_loc=md.query_start_loc_host,
                 seq_lens=md.seq_lens_host, block_table=md.block_table[:md.num_reqs],

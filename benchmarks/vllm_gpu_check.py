@@ -196,6 +196,12 @@ class Runner(OptionalPhases, RunnerBase):
 
         def b0_differs():  # sensitivity control: the tolerances must reject all-FP4 attention
             ok, text, data = self.compare_tf(teacher_forced(llm, self.tf_seqs, budget=0.0))
+            if self.flash_prefill():
+                # Prompt logprobs are prefill: the flash route computes it exactly whatever
+                # the budget, so budget 0 must sit *inside* the tolerance (a check of the
+                # route); the budget acts on decode (eager_per_request_budgets runs it).
+                return ok, f"flash prefill: budget 0 prompt logprobs vs ref, must match: {text}", \
+                    data
             if self.args.model == "dummy8b":
                 # +-1e-3 dummy weights make the logits flat whatever attention returns (H200,
                 # 2026-11-30: budget 0 sat 1.4e-6 nats from FLASH_ATTN, like budget 1), so
@@ -222,6 +228,18 @@ class Runner(OptionalPhases, RunnerBase):
         self.check("eager_per_request_budgets", per_request)
         self.check("eager_prefix_cache_hit", lambda: self.prefix_hit(llm, with_lp=True))
         self.own["eager"] = greedy(llm, p["preempt"], [1.0] * len(p["preempt"]))
+
+    def flash_prefill(self) -> bool:
+        """Whether the CUSTOM engines' prefill resolves to the exact FlashAttention route here
+        (the backend's own rule, on this process's device)."""
+        import torch
+
+        from thrift_vllm.backend.config import ThriftBackendConfig
+        from thrift_vllm.backend.routes import resolve_routes
+
+        cfg = ThriftBackendConfig.from_mapping(self.thrift_config(1.0)["thrift_vllm"])
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        return resolve_routes(cfg, device).prefill == "flash"
 
     def prefix_hit(self, llm, with_lp: bool) -> tuple[bool, str, dict]:
         prompt = self.prompts["long"]
@@ -378,6 +396,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--peer", default="TRITON_ATTN",
                    help="a second stock backend whose distance to FLASH_ATTN widens the "
                         "tolerances ('' to skip; the CPU dry run has none)")
+    # = thrift_vllm.backend.config.PREFILLS / DECODE_MATHS (not imported: torch)
+    p.add_argument("--prefill", choices=("auto", "flash", "thrift"), default="auto",
+                   help="thrift backend config prefill route (auto: the backend's choice)")
+    p.add_argument("--decode-math", choices=("auto", "fp4", "fp16"), default="auto",
+                   help="thrift backend config decode_math (auto: the backend's choice)")
     p.add_argument("--with-nvfp4", action="store_true",
                    help="also start a kv_cache_dtype=nvfp4 (FP4-only layout) engine")
     p.add_argument("--with-fp8", action="store_true",

@@ -151,3 +151,60 @@ def test_flash_prefill_batch_and_errors():
     with pytest.raises(ValueError, match="made without gather"):
         gather_context(layout, torch.zeros(1), torch.zeros(1), torch.zeros(1),
                        FlashPrefillBatch.make([0, 1, 4], [5, 3], bt, gather=False))
+
+
+def _fa3_or_skip():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    try:
+        from thrift_vllm.backend.compat import flash_attn_varlen
+    except Exception as e:
+        pytest.skip(f"thrift_vllm.backend does not import: {e}")
+    fn, why = flash_attn_varlen("cuda")
+    if fn is None:
+        pytest.skip(why)
+    return fn
+
+
+GPU_SEQS = [(1, 3000), (1000, 1000), (700, 5000), (1, 70), (513, 2600)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kv_layout", ["auto", "nvfp4"])
+@pytest.mark.parametrize("real_fa3", [False, True])
+def test_flash_prefill_gpu(kv_layout, real_fa3):
+    """Compiled gather kernel and, with ``real_fa3``, vLLM's FlashAttention-3 on the strided
+    page views (GQA 4:1, D 128, bf16, 64-token pages), against float64 attention."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    fn = _fa3_or_skip() if real_fa3 else _on_cpu(varlen_ref)
+    layout = KVLayout(kv_layout, 128, 64, 64, "nvfp4", "block_mean", torch.bfloat16)
+    case = Case(layout, 16, 4, seqs=GPU_SEQS, seed=3, chunks=(1024, 333))
+    case.write_context()
+    key, value, slots, qsl = case.step()
+    write_kv(layout, case.views, key, value, slots)
+    dev = torch.device("cuda")
+    cache, query = case.cache.to(dev), case.query.to(dev)
+    key, value, bt = key.to(dev), value.to(dev), case.block_table.to(dev)
+    batch = FlashPrefillBatch.make(qsl, [s for _, s in GPU_SEQS], bt,
+                                   gather=kv_layout == "nvfp4")
+    out = torch.full_like(query, float("nan"))
+    flash_prefill(layout, cache, query, key, value, batch, scale=case.scale, output=out,
+                  varlen_attn=fn)
+    want = _expected(case, qsl, fp4_context=kv_layout == "nvfp4")
+    for i, (sq, _) in enumerate(GPU_SEQS):
+        got = out[qsl[i]:qsl[i + 1]].cpu()
+        if sq == 1:
+            assert torch.isnan(got).all()
+            continue
+        torch.testing.assert_close(got.double(), want[i], atol=2e-2, rtol=2e-2)
+
+
+def _on_cpu(fn):
+    def run(**kw):
+        out = kw["out"]
+        cpu = {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+        fn(**cpu)
+        out.copy_(cpu["out"])
+        return out
+    return run

@@ -241,7 +241,7 @@ def test_decode_math_validation():
 def test_paged_attention_triton_decode_math():
     """The whole-batch op routes one-query rows through the fp16 decode (= reference)."""
     seq_lens, budgets = (65, 200), (0.05, 0.0)
-    lay, b, kw = _setup(CASES[0], seq_lens, budgets, 11)
+    lay, b, _ = _setup(CASES[0], seq_lens, budgets, 11)
     ref = _reference(lay, b, seq_lens, budgets)
     out = paged_attention_triton(lay, b.cache, b.query, b.key, b.value, query_start_loc=b.qsl,
                                  seq_lens=list(seq_lens), block_table=b.block_table,

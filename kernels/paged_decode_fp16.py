@@ -124,6 +124,25 @@ def _fp4_tile(acc, l_i, m_i, q, kb, ks, vb, vs, ok, qk_scale, T: tl.constexpr, D
     return _softmax_pv(acc, l_i, m_i, q, k, v, ok, qk_scale, AUTO, SWAP, MASK, DOT_FP32)
 
 
+@triton.jit
+def _skip_selected(ok, tok, j, ptr, nxt, nxt2, sel_row, hi, U: tl.constexpr, UPI: tl.constexpr):
+    """Auto layout: clear ``ok`` on the tile's selected units (units j..j+UPI-1; the ascending
+    list's next two entries nxt, nxt2 at ptr, ptr + 1) and move past them. Both entries are
+    loaded once per tile, after the tile's checks: two dependent loads per iteration broke
+    Triton's software pipeliner (3.9, sm90 AOT) (assertion "Op used before defined") on sm90."""
+    first = nxt == j
+    ok = ok & ((tok // U != 0) | (j != nxt))
+    ptr += first.to(tl.int32)
+    if UPI == 2:
+        cand = tl.where(first, nxt2, nxt)
+        second = cand == j + 1
+        ok = ok & ((tok // U != 1) | (j + 1 != cand))
+        ptr += second.to(tl.int32)
+    nxt = tl.load(sel_row + ptr, mask=ptr < hi, other=-1)
+    nxt2 = tl.load(sel_row + ptr + 1, mask=ptr + 1 < hi, other=-1)
+    return ok, ptr, nxt, nxt2
+
+
 # Batch-dependent ints/strides unspecialised: one compiled variant per engine, not per batch.
 @triton.jit(do_not_specialize=["tiles_per_split", "K_SEL", "stride_selb", "stride_selh",
                               "stride_mb", "stride_mh"])
@@ -182,6 +201,7 @@ def _paged_decode_fp16_kernel(
             lim = seq_len
             ptr = lo
             nxt = tl.load(sel_row + ptr, mask=ptr < hi, other=-1)
+            nxt2 = tl.load(sel_row + ptr + 1, mask=ptr + 1 < hi, other=-1)
         else:
             lim = seq_len - 1  # the step's own token comes from Kn / Vn
         # Whole tiles before `lim` unmasked; then at most one masked tile (j_tail < j1).
@@ -192,10 +212,8 @@ def _paged_decode_fp16_kernel(
                                          SAME_PAGE, OFF_K4, OFF_K4S, OFF_V4, OFF_V4S)
             ok = tok < T
             if AUTO:  # selected units are read from k_hi / v_hi below
-                for i in tl.static_range(UPI):
-                    ok = ok & ((tok // U != i) | (j + i != nxt))
-                    ptr += (j + i == nxt).to(tl.int32)
-                    nxt = tl.load(sel_row + ptr, mask=ptr < hi, other=-1)
+                ok, ptr, nxt, nxt2 = _skip_selected(ok, tok, j, ptr, nxt, nxt2, sel_row, hi,
+                                                    U, UPI)
             acc, l_i, m_i = _fp4_tile(acc, l_i, m_i, q, kb, ks, vb, vs, ok, qk_scale, T, D, G,
                                       FMT, AUTO, SWAP, AUTO, DOT_FP32)
         if j_tail < j1:
@@ -205,10 +223,8 @@ def _paged_decode_fp16_kernel(
                                          True, SAME_PAGE, OFF_K4, OFF_K4S, OFF_V4, OFF_V4S)
             ok = (tok < n_valid) & (tok < (j1 - j_tail) * U)
             if AUTO:
-                for i in tl.static_range(UPI):
-                    ok = ok & ((tok // U != i) | (j_tail + i != nxt))
-                    ptr += (j_tail + i == nxt).to(tl.int32)
-                    nxt = tl.load(sel_row + ptr, mask=ptr < hi, other=-1)
+                ok, ptr, nxt, nxt2 = _skip_selected(ok, tok, j_tail, ptr, nxt, nxt2, sel_row,
+                                                    hi, U, UPI)
             acc, l_i, m_i = _fp4_tile(acc, l_i, m_i, q, kb, ks, vb, vs, ok, qk_scale, T, D, G,
                                       FMT, AUTO, SWAP, True, DOT_FP32)
 

@@ -154,13 +154,15 @@ def _paged_decode_fp16_kernel(
     stride_ab, stride_ah, stride_as, stride_mb, stride_mh, stride_ms,
     Hkv: tl.constexpr, GROUP: tl.constexpr, BLOCK_H: tl.constexpr, U: tl.constexpr,
     P: tl.constexpr, D: tl.constexpr, G: tl.constexpr, FMT: tl.constexpr, AUTO: tl.constexpr,
-    DOT_FP32: tl.constexpr, UPI: tl.constexpr, SWAP: tl.constexpr,
+    DOT_FP32: tl.constexpr, UPI: tl.constexpr, SWAP: tl.constexpr, OPS_F16: tl.constexpr,
     OFF_KHI: tl.constexpr, OFF_VHI: tl.constexpr, OFF_K4: tl.constexpr, OFF_K4S: tl.constexpr,
     OFF_V4: tl.constexpr, OFF_V4S: tl.constexpr,
 ):
     """Arguments as ``_paged_decode_kernel``'s (Sel read in the auto layout only; Kn/Vn in the
     nvfp4 layout only); tiles_per_split must be a multiple of UPI. Writes the same (acc, m, l)
-    partials for ``_paged_reduce_kernel``."""
+    partials for ``_paged_reduce_kernel``. OPS_F16 (bf16 models, NVFP4): the FP4 tiles' dots
+    in fp16 (q rounded to fp16 once, P rounded to fp16) so the decoded values skip the
+    fp16 -> bf16 conversion; the selected units and the fresh token keep the model dtype."""
     T: tl.constexpr = U * UPI
     SAME_PAGE: tl.constexpr = P % T == 0
     bkv = tl.program_id(0)
@@ -184,6 +186,7 @@ def _paged_decode_fp16_kernel(
             q = tl.load(Q + b * stride_qb + h[:, None] * stride_qh + offs_d[None, :],
                         mask=row_ok[:, None], other=0.0)  # [BLOCK_H, D]
             acc = tl.zeros([BLOCK_H, D], dtype=tl.float32)
+        qf = q.to(tl.float16) if OPS_F16 else q  # the FP4 tiles' q
         l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
         m_i = tl.full([BLOCK_H], -1.0e30, dtype=tl.float32)
         tok = tl.arange(0, T)
@@ -214,7 +217,7 @@ def _paged_decode_fp16_kernel(
             if AUTO:  # selected units are read from k_hi / v_hi below
                 ok, ptr, nxt, nxt2 = _skip_selected(ok, tok, j, ptr, nxt, nxt2, sel_row, hi,
                                                     U, UPI)
-            acc, l_i, m_i = _fp4_tile(acc, l_i, m_i, q, kb, ks, vb, vs, ok, qk_scale, T, D, G,
+            acc, l_i, m_i = _fp4_tile(acc, l_i, m_i, qf, kb, ks, vb, vs, ok, qk_scale, T, D, G,
                                       FMT, AUTO, SWAP, AUTO, DOT_FP32)
         if j_tail < j1:
             n_valid = lim - j_tail * U
@@ -225,7 +228,7 @@ def _paged_decode_fp16_kernel(
             if AUTO:
                 ok, ptr, nxt, nxt2 = _skip_selected(ok, tok, j_tail, ptr, nxt, nxt2, sel_row,
                                                     hi, U, UPI)
-            acc, l_i, m_i = _fp4_tile(acc, l_i, m_i, q, kb, ks, vb, vs, ok, qk_scale, T, D, G,
+            acc, l_i, m_i = _fp4_tile(acc, l_i, m_i, qf, kb, ks, vb, vs, ok, qk_scale, T, D, G,
                                       FMT, AUTO, SWAP, True, DOT_FP32)
 
         if AUTO:

@@ -37,7 +37,8 @@ SEQ_LENS = (1, 63, 65, 200, 300)  # 300: several pages (and a partial one)
 BUDGETS = (0.05, 0.0, 1.0, 0.05, 0.0)
 VARIANTS = [{}, {"units_per_iter": 2, "swap": True},
             {"units_per_iter": 2, "target_programs": 4096, "min_tiles_per_split": 1},
-            {"swap": True, "block_h": 16, "target_programs": 1}]
+            {"swap": True, "block_h": 16, "target_programs": 1},
+            {"fp16_operands": True, "swap": True, "units_per_iter": 2}]
 
 
 def _setup(case, seq_lens, budgets, seed):
@@ -85,6 +86,11 @@ def test_fp16_decode_launch_variants(ci):
     ref = _reference(lay, b, seq_lens, budgets)
     idle = _with_idle_row(b, kw)
     for launch in VARIANTS:
+        if launch.get("fp16_operands") and lay.quant_format != "nvfp4":
+            with pytest.raises(ValueError, match="fp16_operands"):
+                paged_decode_triton(lay, b.cache, *idle[0], math="fp16", launch=launch,
+                                    **idle[1])
+            continue
         out = paged_decode_triton(lay, b.cache, *idle[0], math="fp16", launch=launch, **idle[1])
         assert torch.equal(out[-1], torch.zeros_like(out[-1])), launch
         for i in range(len(seq_lens)):

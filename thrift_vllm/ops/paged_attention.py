@@ -45,8 +45,11 @@ PAGED_DECODE_LAUNCH = {"target_programs": 2112, "num_warps": 4, "num_stages": 2,
 # units_per_iter (1 or 2 units of U tokens per loop step), swap (S^T = K q^T, query heads in N,
 # padded to block_h: 0 = max(8 if swap else 16, next power of two of the GQA group)). Not yet
 # timed on a GPU: the FP4 kernel's launch until a probe says otherwise.
+# fp16_operands (bf16 models, NVFP4 pages): the FP4 units' dots in fp16 (q rounded to fp16,
+# exact in its normal range; P rounded to fp16, finer than bf16), saving the decoded values'
+# fp16 -> bf16 conversion (sm90 has no direct one: 128 F2F per unit and thread).
 PAGED_DECODE_FP16_LAUNCH = {**PAGED_DECODE_LAUNCH, "units_per_iter": 1, "swap": False,
-                            "block_h": 0}
+                            "block_h": 0, "fp16_operands": False}
 DECODE_MATHS = ("fp4", "fp16")
 _TILE = 4096  # fp32 summary elements per score program: [BLOCK_N, D] (two tiles for quest)
 
@@ -210,6 +213,10 @@ def paged_decode_triton(
                                              triton.next_power_of_2(group))
         if block_h < group or block_h & (block_h - 1):
             raise ValueError(f"block_h {block_h}: a power of two >= the GQA group {group}")
+        ops_f16 = bool(cfg["fp16_operands"])
+        if ops_f16 and layout.quant_format != "nvfp4":
+            raise ValueError(f"fp16_operands needs NVFP4 pages (exact in fp16), got "
+                             f"{layout.quant_format!r}")
         _paged_decode_fp16_kernel[(B * Hkv, splits)](
             query, key, value, cache, block_table, seq_lens, sel_arg, acc, ml,
             scale * LOG2E, per, k_sel,
@@ -218,7 +225,7 @@ def paged_decode_triton(
             sel_arg.stride(0), sel_arg.stride(1), *acc.stride()[:3], *ml.stride()[:3],
             Hkv=Hkv, GROUP=group, BLOCK_H=block_h, U=layout.unit, P=layout.page_size, D=D,
             G=layout.group, FMT=layout.quant_format, AUTO=auto, DOT_FP32=triton_interpreted(),
-            UPI=upi, SWAP=bool(cfg["swap"]), num_warps=cfg["num_warps"],
+            UPI=upi, SWAP=bool(cfg["swap"]), OPS_F16=ops_f16, num_warps=cfg["num_warps"],
             num_stages=cfg["num_stages"], **({"maxnreg": cfg["maxnreg"]} if cfg["maxnreg"] else {}),
             **offs,
         )

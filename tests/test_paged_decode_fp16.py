@@ -255,3 +255,29 @@ def test_paged_attention_triton_decode_math():
                                  decode_math="fp16")
     for i in range(len(seq_lens)):
         assert _rel(out[i], ref[i]) < TOL[lay.dtype]
+
+
+@pytest.mark.slow
+def test_fp16_decode_compiles_for_hopper():
+    """The fp16 decode's most involved variant (2 units per step, swapped operands: wgmma,
+    the pair-load selected skip that an earlier version crashed Triton's pipeliner with)
+    compiles for sm_90 in both layouts (AOT, no GPU, a subprocess without the interpreter)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from thrift_vllm.ops import sass
+
+    problem = sass.toolchain_problem()
+    if problem:
+        pytest.skip(problem)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cmd = [sys.executable, "-m", "thrift_vllm.ops.aot_paged", "--arch", "90", "--dtype", "bf16",
+           "--decode-math", "fp16", "--layouts", "nvfp4", "auto", "--loops",
+           "--launch", json.dumps({"units_per_iter": 2, "swap": True})]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    rows = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
+    dec = [r for r in rows if r["kernel"] == "_paged_decode_fp16_kernel"]
+    assert len(dec) == 2 and all(r["ok"] for r in rows), res.stdout[-2000:] + res.stderr[-2000:]
+    assert all(r["loops"] and "HGMMA" in r["loop0_ops"] for r in dec), dec  # wgmma, swapped

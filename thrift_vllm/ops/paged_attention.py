@@ -44,11 +44,13 @@ PAGED_DECODE_LAUNCH = {"target_programs": 2112, "num_warps": 4, "num_stages": 2,
 # math "fp16" (Hopper: FP4 as storage; kernels/paged_decode_fp16.py). Options for probes:
 # units_per_iter (1 or 2 units of U tokens per loop step), swap (S^T = K q^T, query heads in N,
 # padded to block_h: 0 = max(8 if swap else 16, next power of two of the GQA group)). Not yet
-# timed on a GPU: the FP4 kernel's launch until a probe says otherwise.
+# timed on a GPU: the FP4 kernel's launch, plus swap, which in the sm90 SASS (notes/kernels.md
+# "Fifth pass") is wgmma with 8 rows, no spills at 128 registers, fewer instructions per unit
+# than the unswapped loop in both layouts.
 # fp16_operands (bf16 models, NVFP4 pages): the FP4 units' dots in fp16 (q rounded to fp16,
 # exact in its normal range; P rounded to fp16, finer than bf16), saving the decoded values'
 # fp16 -> bf16 conversion (sm90 has no direct one: 128 F2F per unit and thread).
-PAGED_DECODE_FP16_LAUNCH = {**PAGED_DECODE_LAUNCH, "units_per_iter": 1, "swap": False,
+PAGED_DECODE_FP16_LAUNCH = {**PAGED_DECODE_LAUNCH, "units_per_iter": 1, "swap": True,
                             "block_h": 0, "fp16_operands": False}
 DECODE_MATHS = ("fp4", "fp16")
 _TILE = 4096  # fp32 summary elements per score program: [BLOCK_N, D] (two tiles for quest)

@@ -283,3 +283,18 @@ def test_fp16_decode_compiles_for_hopper():
     dec = [r for r in rows if r["kernel"] == "_paged_decode_fp16_kernel"]
     assert len(dec) == 2 and all(r["ok"] for r in rows), res.stdout[-2000:] + res.stderr[-2000:]
     assert all(r["loops"] and "HGMMA" in r["loop0_ops"] for r in dec), dec  # wgmma, swapped
+
+
+@pytest.mark.parametrize("kvl", ["auto", "nvfp4"])
+def test_fp16_decode_tiles_across_pages(kvl):
+    """page = unit (the benchmark's shape) with 2 units per step: a tile spans two pages, so
+    its rows / V columns / scale columns each look up their own page (SAME_PAGE False)."""
+    case = (kvl, "nvfp4", "block_mean", torch.float16, 64, 1, 4, 32, 32)
+    seq_lens, budgets = (200, 96, 33), (0.05, 0.0, 1.0)
+    lay, b, kw = _setup(case, seq_lens, budgets, 950)
+    ref = _reference(lay, b, seq_lens, budgets)
+    for launch in ({"units_per_iter": 2}, {"units_per_iter": 2, "swap": False,
+                                           "min_tiles_per_split": 1, "target_programs": 64}):
+        out = _kernel(lay, b, kw, launch)
+        for i in range(len(seq_lens)):
+            assert _rel(out[i], ref[i]) < TOL[lay.dtype], (launch, i, _rel(out[i], ref[i]))

@@ -186,8 +186,8 @@ def paged_decode_triton(
     if B == 0:
         return out
     auto = layout.kv_layout == "auto"
-    if fp16 and not auto:
-        sel = torch.full((1, 1, 1), -1, dtype=torch.int32, device=query.device)  # not read
+    if fp16 and not auto:  # no selection: any int32 device pointer (not read), no launch
+        sel = seq_lens.view(1, 1, -1)
     elif sel is None:
         sel = paged_select_triton(layout, kv_cache, query, block_table=block_table,
                                   seq_lens=seq_lens, num_fp16_blocks=num_fp16_blocks,

@@ -196,6 +196,54 @@ def gather_sequence(layout: KVLayout, views: KVViews, pages: torch.Tensor, seq_l
     return out
 
 
+DECODE_MATHS = ("fp4", "fp16")
+
+
+def decode_fp16_reference(layout: KVLayout, kv: dict[str, torch.Tensor], q: torch.Tensor,
+                          key: torch.Tensor | None, value: torch.Tensor | None, budget: float,
+                          scale: float, force_sink_recent: bool = False) -> torch.Tensor:
+    """Decode math "fp16" (FP4 as storage) for one sequence's one query.
+
+    ``kv``: :func:`gather_sequence`'s tensors (``[Hkv, S, D]``); q ``[Hq, D]`` (model dtype, not
+    quantised); key/value ``[Hkv, D]``: the step's fresh K/V (nvfp4 layout). K/V per position:
+    auto layout: ``k_hi``/``v_hi`` on the units selected for ``budget`` (the FP4 path's
+    selection, unchanged), the dequantised ``k4``/``v4`` elsewhere; nvfp4 layout: dequantised
+    ``k4``/``v4`` everywhere (the budget changes nothing) except position S - 1, which is the
+    fresh ``key``/``value``. Dequantised values are rounded to the model dtype (exact for NVFP4
+    and for MXFP4 in bf16; MXFP4 in fp16 can leave fp16's range) — the kernel's operands.
+    Computed in float32: s = scale q.K^T, p = exp(s - max s), out = (p rounded to the model
+    dtype) . V / sum(p) — P is rounded before the PV product as the kernel (and FlashAttention)
+    does; its online softmax rounds p against the running maximum instead, a difference of the
+    model dtype's rounding. Returns fp32 ``[Hq, D]``.
+    """
+    dt = q.dtype
+    Hq = q.shape[0]
+    Hkv, S = kv["k4"].shape[:2]
+    group = Hq // Hkv
+    k = kv["k4"].to(dt).float()
+    v = kv["v4"].to(dt).float()
+    if layout.kv_layout == "nvfp4":
+        k[:, S - 1] = key.float()
+        v[:, S - 1] = value.float()
+    else:
+        sel = select_blocks_reference(
+            q[None, :, None], kv["k_hi"][None], fp16_budget=budget, selection=layout.selection,
+            block_size=layout.unit, causal=True, force_sink_recent=force_sink_recent)
+        hi = torch.zeros(Hkv, S, dtype=torch.bool, device=q.device)
+        U = layout.unit
+        for h in range(Hkv):  # GQA decode: the group's heads share one selection
+            for j in sel[0, h * group, 0].tolist():
+                if j >= 0:
+                    hi[h, j * U:(j + 1) * U] = True
+        k = torch.where(hi[..., None], kv["k_hi"].float(), k)
+        v = torch.where(hi[..., None], kv["v_hi"].float(), v)
+    k = k.repeat_interleave(group, dim=0)  # [Hq, S, D]
+    v = v.repeat_interleave(group, dim=0)
+    s = torch.einsum("hd,hsd->hs", q.float(), k) * scale
+    p = torch.exp(s - s.amax(dim=-1, keepdim=True))
+    return torch.einsum("hs,hsd->hd", p.to(dt).float(), v) / p.sum(dim=-1, keepdim=True)
+
+
 def paged_attention(
     layout: KVLayout,
     views: KVViews,
@@ -210,6 +258,7 @@ def paged_attention(
     scale: float,
     force_sink_recent: bool = False,
     output: torch.Tensor | None = None,
+    decode_math: str = "fp4",
 ) -> torch.Tensor:
     """ThriftAttention over the paged cache, after :func:`write_kv` stored this step's K/V.
 
@@ -228,7 +277,13 @@ def paged_attention(
     ``thrift_vllm.attention`` does). auto: ``K_sel = K16 = k_hi``, ``V16 = v_hi``; nvfp4:
     ``K_sel = deq(k4)``, ``K16 / V16 = deq(k4) / deq(v4)`` with the step's tokens replaced by
     the fresh ``key`` / ``value``.
+
+    ``decode_math`` (sequences with one query only; longer ones keep the definition above):
+    ``"fp4"`` = that definition (q and P quantised to FP4 on the FP4 units); ``"fp16"`` = FP4
+    as storage (Hopper), :func:`decode_fp16_reference`.
     """
+    if decode_math not in DECODE_MATHS:
+        raise ValueError(f"decode_math must be one of {DECODE_MATHS}, got {decode_math!r}")
     D = query.shape[-1]
     if query.dim() != 3 or D != layout.head_size:
         raise ValueError(f"query must be [T, Hq, {layout.head_size}], got {tuple(query.shape)}")
@@ -258,8 +313,14 @@ def paged_attention(
         else:
             k_sel, k16, v16 = kv["k_hi"], kv["k_hi"], kv["v_hi"]
         q = query[q0:q1].transpose(0, 1)[None]  # [1, Hq, sq, D]
-        k16, v16, k_sel = k16[None], v16[None], k_sel[None]
         budget = float(fp16_budgets[i])
+        if sq == 1 and decode_math == "fp16":
+            out = decode_fp16_reference(layout, kv, q[0, :, 0], None if key is None else key[q0],
+                                        None if value is None else value[q0], budget, scale,
+                                        force_sink_recent)
+            output[q0] = out.to(output.dtype)
+            continue
+        k16, v16, k_sel = k16[None], v16[None], k_sel[None]
         if budget == 1.0:
             out = _exact_attention(q, k16, v16, True, scale)
         else:

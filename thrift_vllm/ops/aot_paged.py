@@ -20,9 +20,11 @@ from unittest import mock
 
 def capture(kv_layout: str, fmt: str, selection: str, dtype: str = "fp16", D: int = 128,
             B: int = 16, Hq: int = 32, Hkv: int = 8, P: int = 64, U: int = 64,
-            max_pages: int = 512, native: bool = False):
+            max_pages: int = 512, native: bool = False, math: str = "fp4",
+            launch: dict | None = None):
     """[(JITFunction, bound args, options)] of the write and decode launches on meta tensors
-    (``native``: the decode's FP4 dots on the block-scaled MMA, as on sm_120)."""
+    (``native``: the decode's FP4 dots on the block-scaled MMA, as on sm_120; ``math`` /
+    ``launch``: ``paged_decode_triton``'s)."""
     import torch
     from triton.runtime.jit import JITFunction
 
@@ -47,7 +49,8 @@ def capture(kv_layout: str, fmt: str, selection: str, dtype: str = "fp16", D: in
         write_kv_triton(k, k, cache, torch.empty(B, dtype=torch.int64, **meta), lay)
         paged_decode_triton(lay, cache, q, k, k, block_table=torch.empty(B, max_pages, **i32),
                             seq_lens=torch.empty(B, **i32), num_fp16_blocks=torch.empty(B, **i32),
-                            scale=D**-0.5, max_num_fp16_blocks=64, native=native)
+                            scale=D**-0.5, max_num_fp16_blocks=64,
+                            native=None if math == "fp16" else native, math=math, launch=launch)
     out = []
     for fn, args, kw in calls:
         bound = dict(zip(fn.arg_names, args, strict=False))
@@ -64,22 +67,32 @@ def capture(kv_layout: str, fmt: str, selection: str, dtype: str = "fp16", D: in
 
 def main(argv: list[str] | None = None) -> int:
     from thrift_vllm.ops.aot import _check_not_interpreted, compile_launch
-    from thrift_vllm.ops.sass import resource_usage
+    from thrift_vllm.ops.sass import loop_bodies, opcode_counts, resource_usage, sass
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", type=int, nargs="+", default=[90, 100, 120])
     ap.add_argument("--dtype", default="fp16", choices=("fp16", "bf16"))
     ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--decode-math", default="fp4", choices=("fp4", "fp16"))
+    ap.add_argument("--launch", default="{}",
+                    help='JSON launch overrides of the decode, e.g. \'{"units_per_iter": 2}\'')
+    ap.add_argument("--layouts", nargs="+", default=["auto", "nvfp4", "nvfp4-mxfp4"],
+                    choices=("auto", "nvfp4", "nvfp4-mxfp4"))
+    ap.add_argument("--loops", action="store_true",
+                    help="also count the SASS instructions of the decode kernel's loops")
     a = ap.parse_args(argv)
     _check_not_interpreted()
-    cases = [("auto", "nvfp4", "block_mean"), ("nvfp4", "nvfp4", "quest"),
-             ("nvfp4", "mxfp4", "local")]
+    launch = json.loads(a.launch)
+    all_cases = {"auto": ("auto", "nvfp4", "block_mean"), "nvfp4": ("nvfp4", "nvfp4", "quest"),
+                 "nvfp4-mxfp4": ("nvfp4", "mxfp4", "local")}
+    cases = [all_cases[c] for c in a.layouts]
     failed = 0
     for arch in a.arch:
         for kvl, fmt, sel in cases:
             # the device rule of ops.paged_attention.native_fp4_decode, by arch
             for fn, args, options in capture(kvl, fmt, sel, a.dtype, a.head_dim,
-                                             native=arch == 120):
+                                             native=arch == 120, math=a.decode_math,
+                                             launch=launch):
                 row = dict(arch=arch, kv_layout=kvl, fmt=fmt, selection=sel, kernel=fn.__name__)
                 try:
                     ck = compile_launch(fn, args, options, arch)[0]
@@ -88,6 +101,12 @@ def main(argv: list[str] | None = None) -> int:
                                                 ck.asm["ptx"])))
                     row["mma"] = mma[:4]
                     row["block_scaled_mma"] = sum("block_scale" in m for m in mma)
+                    if a.loops and "decode" in fn.__name__:
+                        loops = loop_bodies(sass(ck.asm["cubin"]))
+                        row["loops"] = [len(lp) for lp in loops[:4]]
+                        if loops:
+                            top = opcode_counts(loops[0])
+                            row["loop0_ops"] = top
                     row["ok"] = True
                 except Exception as e:  # report and go on: one line per case
                     row.update(ok=False, error=f"{type(e).__name__}: {str(e)[-400:]}")

@@ -20,6 +20,7 @@ import torch
 import triton
 
 from thrift_vllm.kernels.paged_decode import _paged_decode_kernel, _paged_reduce_kernel
+from thrift_vllm.kernels.paged_decode_fp16 import _paged_decode_fp16_kernel
 from thrift_vllm.kernels.paged_select import _paged_score_kernel, _paged_topk_kernel
 from thrift_vllm.kv_layout import KVLayout
 from thrift_vllm.ops.attention import LOG2E, SPLIT_CHUNK, decode_split_plan
@@ -40,6 +41,18 @@ from thrift_vllm.selection import BlockGrid, budget_to_k
 # the block-table width (max_model_len), not the context.
 PAGED_DECODE_LAUNCH = {"target_programs": 2112, "num_warps": 4, "num_stages": 2, "maxnreg": 128,
                        "min_tiles_per_split": 8}
+# math "fp16" (Hopper: FP4 as storage; kernels/paged_decode_fp16.py). Options for probes:
+# units_per_iter (1 or 2 units of U tokens per loop step), swap (S^T = K q^T, query heads in N,
+# padded to block_h: 0 = max(8 if swap else 16, next power of two of the GQA group)). Not yet
+# timed on a GPU: the FP4 kernel's launch, plus swap, which in the sm90 SASS (notes/kernels.md
+# "Fifth pass") is wgmma with 8 rows, no spills at 128 registers, fewer instructions per unit
+# than the unswapped loop in both layouts.
+# fp16_operands (bf16 models, NVFP4 pages): the FP4 units' dots in fp16 (q rounded to fp16,
+# exact in its normal range; P rounded to fp16, finer than bf16), saving the decoded values'
+# fp16 -> bf16 conversion (sm90 has no direct one: 128 F2F per unit and thread).
+PAGED_DECODE_FP16_LAUNCH = {**PAGED_DECODE_LAUNCH, "units_per_iter": 1, "swap": True,
+                            "block_h": 0, "fp16_operands": False}
+DECODE_MATHS = ("fp4", "fp16")
 _TILE = 4096  # fp32 summary elements per score program: [BLOCK_N, D] (two tiles for quest)
 
 
@@ -134,6 +147,7 @@ def paged_decode_triton(
     num_fp16_blocks: torch.Tensor, scale: float, force_sink_recent: bool = False,
     out: torch.Tensor | None = None, max_num_fp16_blocks: int | None = None,
     sel: torch.Tensor | None = None, launch: dict | None = None, native: bool | None = None,
+    math: str = "fp4",
 ) -> torch.Tensor:
     """Paged ThriftAttention decode, after the step's K/V were written (``write_kv_triton``).
 
@@ -145,10 +159,20 @@ def paged_decode_triton(
     precomputed :func:`paged_select_triton` output. ``launch``: overrides of
     ``PAGED_DECODE_LAUNCH`` (tuning probes). ``native``: FP4 dots on the block-scaled MMA
     (None: :func:`native_fp4_decode` of the device; True elsewhere is for tests and
-    ahead-of-time compiles, same numbers). Returns ``out`` ``[B, Hq, D]``.
+    ahead-of-time compiles, same numbers). ``math``: ``"fp4"`` (the paper's semantics: q and P
+    quantised to FP4) or ``"fp16"`` (Hopper, FP4 as storage: K/V decoded to the model dtype,
+    q unquantised, P in the model dtype for the PV dot; ``thrift_vllm.paged.paged_attention``'s
+    ``decode_math``); in the nvfp4 layout "fp16" runs no selection (``num_fp16_blocks`` and
+    ``sel`` are ignored: only the step's own token is in the model dtype). ``launch`` then
+    overrides ``PAGED_DECODE_FP16_LAUNCH``. Returns ``out`` ``[B, Hq, D]``.
     """
     B, Hq, D = query.shape
-    cfg = {**PAGED_DECODE_LAUNCH, **(launch or {})}
+    if math not in DECODE_MATHS:
+        raise ValueError(f"math must be one of {DECODE_MATHS}, got {math!r}")
+    if math == "fp16" and native:
+        raise ValueError("native=True (block-scaled FP4 MMA) needs math 'fp4', got 'fp16'")
+    fp16 = math == "fp16"
+    cfg = {**(PAGED_DECODE_FP16_LAUNCH if fp16 else PAGED_DECODE_LAUNCH), **(launch or {})}
     _check_decode(layout, query, key, value, block_table, seq_lens, num_fp16_blocks)
     Hkv = kv_cache.shape[1]
     if Hq % Hkv:
@@ -161,7 +185,10 @@ def paged_decode_triton(
     out = torch.empty_like(query) if out is None else out
     if B == 0:
         return out
-    if sel is None:
+    auto = layout.kv_layout == "auto"
+    if fp16 and not auto:  # no selection: any int32 device pointer (not read), no launch
+        sel = seq_lens.view(1, 1, -1)
+    elif sel is None:
         sel = paged_select_triton(layout, kv_cache, query, block_table=block_table,
                                   seq_lens=seq_lens, num_fp16_blocks=num_fp16_blocks,
                                   force_sink_recent=force_sink_recent,
@@ -171,25 +198,54 @@ def paged_decode_triton(
     n_max = _max_units(layout, block_table)
     splits, per = decode_split_plan(B, Hkv, n_max, cfg["target_programs"],
                                     cfg.get("min_tiles_per_split", 1))
+    if fp16:  # a split holds whole tiles of units_per_iter units
+        upi = int(cfg["units_per_iter"])
+        if upi not in (1, 2):
+            raise ValueError(f"units_per_iter must be 1 or 2, got {upi}")
+        per = -(-per // upi) * upi
+        splits = -(-n_max // per)
     acc = torch.empty(B, Hq, splits, D, dtype=torch.float32, device=query.device)
     ml = torch.empty(B, Hq, splits, 2, dtype=torch.float32, device=query.device)
     offs = region_offsets(layout)
     offs.pop("OFF_SUM")
     offs.pop("OFF_MAX")
-    _paged_decode_kernel[(B * Hkv, splits)](
-        query, key, value, cache, block_table, seq_lens, sel_arg, acc, ml,
-        scale * LOG2E, per, k_sel,
-        query.stride(0), query.stride(1), key.stride(0), key.stride(1), value.stride(0),
-        value.stride(1), block_table.stride(0), cache.stride(0), cache.stride(1),
-        sel_arg.stride(0), sel_arg.stride(1), *acc.stride()[:3], *ml.stride()[:3],
-        Hkv=Hkv, GROUP=Hq // Hkv, BLOCK_H=max(16, triton.next_power_of_2(Hq // Hkv)),
-        U=layout.unit, P=layout.page_size, D=D, G=layout.group, FMT=layout.quant_format,
-        AUTO=layout.kv_layout == "auto",
-        DOT_FP32=triton_interpreted(),
-        NATIVE=native_fp4_decode(query.device) if native is None else bool(native),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-        **({"maxnreg": cfg["maxnreg"]} if cfg["maxnreg"] else {}), **offs,
-    )
+    if fp16:
+        group = Hq // Hkv
+        block_h = int(cfg["block_h"]) or max(8 if cfg["swap"] else 16,
+                                             triton.next_power_of_2(group))
+        if block_h < group or block_h & (block_h - 1):
+            raise ValueError(f"block_h {block_h}: a power of two >= the GQA group {group}")
+        ops_f16 = bool(cfg["fp16_operands"])
+        if ops_f16 and layout.quant_format != "nvfp4":
+            raise ValueError(f"fp16_operands needs NVFP4 pages (exact in fp16), got "
+                             f"{layout.quant_format!r}")
+        _paged_decode_fp16_kernel[(B * Hkv, splits)](
+            query, key, value, cache, block_table, seq_lens, sel_arg, acc, ml,
+            scale * LOG2E, per, k_sel,
+            query.stride(0), query.stride(1), key.stride(0), key.stride(1), value.stride(0),
+            value.stride(1), block_table.stride(0), cache.stride(0), cache.stride(1),
+            sel_arg.stride(0), sel_arg.stride(1), *acc.stride()[:3], *ml.stride()[:3],
+            Hkv=Hkv, GROUP=group, BLOCK_H=block_h, U=layout.unit, P=layout.page_size, D=D,
+            G=layout.group, FMT=layout.quant_format, AUTO=auto, DOT_FP32=triton_interpreted(),
+            UPI=upi, SWAP=bool(cfg["swap"]), OPS_F16=ops_f16, num_warps=cfg["num_warps"],
+            num_stages=cfg["num_stages"], **({"maxnreg": cfg["maxnreg"]} if cfg["maxnreg"] else {}),
+            **offs,
+        )
+    else:
+        _paged_decode_kernel[(B * Hkv, splits)](
+            query, key, value, cache, block_table, seq_lens, sel_arg, acc, ml,
+            scale * LOG2E, per, k_sel,
+            query.stride(0), query.stride(1), key.stride(0), key.stride(1), value.stride(0),
+            value.stride(1), block_table.stride(0), cache.stride(0), cache.stride(1),
+            sel_arg.stride(0), sel_arg.stride(1), *acc.stride()[:3], *ml.stride()[:3],
+            Hkv=Hkv, GROUP=Hq // Hkv, BLOCK_H=max(16, triton.next_power_of_2(Hq // Hkv)),
+            U=layout.unit, P=layout.page_size, D=D, G=layout.group, FMT=layout.quant_format,
+            AUTO=layout.kv_layout == "auto",
+            DOT_FP32=triton_interpreted(),
+            NATIVE=native_fp4_decode(query.device) if native is None else bool(native),
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+            **({"maxnreg": cfg["maxnreg"]} if cfg["maxnreg"] else {}), **offs,
+        )
     _paged_reduce_kernel[(B * Hq,)](
         acc, ml, seq_lens, out, per, *acc.stride()[:3], *ml.stride()[:3], out.stride(0),
         out.stride(1), Hq=Hq, U=layout.unit, D=D, SPLIT_CHUNK=SPLIT_CHUNK,
@@ -256,11 +312,12 @@ class DecodeBatch:
 
 def paged_decode_batch(layout: KVLayout, kv_cache: torch.Tensor, query: torch.Tensor,
                        key: torch.Tensor | None, value: torch.Tensor | None, dec: DecodeBatch,
-                       *, scale: float, output: torch.Tensor, force_sink_recent: bool = False
-                       ) -> torch.Tensor:
+                       *, scale: float, output: torch.Tensor, force_sink_recent: bool = False,
+                       math: str = "fp4", launch: dict | None = None) -> torch.Tensor:
     """:func:`paged_decode_triton` for ``dec``'s sequences: query/key/value ``[T, H, D]`` (key
     and value read in the nvfp4 layout only), results into ``output [T, Hq, D]``'s rows (in
-    place when the rows are 0..n-1 and the dtypes agree)."""
+    place when the rows are 0..n-1 and the dtypes agree). ``math``: the decode math ("fp4" or
+    "fp16", :func:`paged_decode_triton`); ``launch``: its launch overrides."""
     fresh = layout.kv_layout == "nvfp4"  # the auto layout reads only the pages
     rows = slice(0, dec.size) if dec.rows is None else dec.rows
     direct = dec.rows is None and output.dtype == query.dtype
@@ -268,7 +325,8 @@ def paged_decode_batch(layout: KVLayout, kv_cache: torch.Tensor, query: torch.Te
         layout, kv_cache, query[rows], key[rows] if fresh else None,
         value[rows] if fresh else None, block_table=dec.block_table, seq_lens=dec.seq_lens,
         num_fp16_blocks=dec.num_fp16_blocks, scale=scale, force_sink_recent=force_sink_recent,
-        max_num_fp16_blocks=dec.max_num_fp16_blocks, out=output[:dec.size] if direct else None)
+        max_num_fp16_blocks=dec.max_num_fp16_blocks, out=output[:dec.size] if direct else None,
+        math=math, launch=launch)
     if not direct:
         output[rows] = out.to(output.dtype)
     return output
@@ -279,7 +337,7 @@ def paged_attention_triton(
     value: torch.Tensor | None, *, query_start_loc: Sequence[int], seq_lens: Sequence[int],
     block_table: torch.Tensor, fp16_budgets: Sequence[float], scale: float,
     force_sink_recent: bool = False, output: torch.Tensor | None = None,
-    skip_single_query: bool = False, bulk_math: str = "bf16",
+    skip_single_query: bool = False, bulk_math: str = "bf16", decode_math: str = "fp4",
 ) -> torch.Tensor:
     """``thrift_vllm.paged.paged_attention`` on the Triton kernels (same arguments, except the
     cache itself instead of its views): query ``[T, Hq, D]``, key/value ``[T, Hkv, D]`` (the
@@ -291,7 +349,8 @@ def paged_attention_triton(
     them through :func:`paged_decode_batch` with inputs its builder made once per step).
     ``bulk_math``: the prefill's FP4 blocks in ``"bf16"`` (exact), ``"fp8"`` (e4m3 operands,
     approximate) or ``"native"`` (Blackwell block-scaled MMA on the packed pages, exact; auto
-    layout only; ``ops.paged_prefill``); decode rows always run the FP4 decode kernel.
+    layout only; ``ops.paged_prefill``). ``decode_math``: the one-query sequences' math,
+    ``"fp4"`` (exact FP4 semantics) or ``"fp16"`` (FP4 as storage; :func:`paged_decode_triton`).
     """
     if query.dim() != 3 or query.shape[2] != layout.head_size:
         raise ValueError(f"query must be [T, Hq, {layout.head_size}], got {tuple(query.shape)}")
@@ -300,6 +359,8 @@ def paged_attention_triton(
         raise ValueError(f"{B} sequences need {B + 1} query_start_loc and {B} budgets")
     if layout.kv_layout == "nvfp4" and (key is None or value is None):
         raise ValueError("the nvfp4 layout needs the step's key and value")
+    if decode_math not in DECODE_MATHS:
+        raise ValueError(f"decode_math must be one of {DECODE_MATHS}, got {decode_math!r}")
     if bulk_math not in PAGED_BULK_MATHS:
         raise ValueError(f"bulk_math must be one of {PAGED_BULK_MATHS}, got {bulk_math!r}")
     if bulk_math == "native" and layout.kv_layout != "auto":
@@ -310,7 +371,7 @@ def paged_attention_triton(
         query_start_loc, seq_lens, fp16_budgets, block_table, layout.unit)
     if dec is not None:
         paged_decode_batch(layout, kv_cache, query, key, value, dec, scale=scale,
-                           output=output, force_sink_recent=force_sink_recent)
+                           output=output, force_sink_recent=force_sink_recent, math=decode_math)
     views = None
     for i in range(B):
         q0, q1, skv = query_start_loc[i], query_start_loc[i + 1], seq_lens[i]

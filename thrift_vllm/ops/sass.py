@@ -71,3 +71,34 @@ def sass_instructions(text: str) -> list[str]:
         if m:
             out.append(" ".join(m.group(1).split()))
     return out
+
+
+def loop_bodies(text: str) -> list[list[str]]:
+    """Instruction lists of the loops of a cuobjdump SASS listing, largest first: a loop is a
+    backward branch (``BRA`` to a lower address) and the instructions from its target to it.
+    Nested loops are reported both inside their outer loop and on their own."""
+    addr, ins = [], []
+    for line in text.splitlines():
+        m = re.match(r"\s*/\*([0-9a-f]+)\*/\s*(.*?)\s*;", line)
+        if m:
+            addr.append(int(m.group(1), 16))
+            ins.append(" ".join(m.group(2).split()))
+    loops = []
+    for i, text_i in enumerate(ins):
+        m = re.search(r"\bBRA\b.*?(0x[0-9a-f]+)", text_i)
+        if m and int(m.group(1), 16) < addr[i]:
+            start = addr.index(int(m.group(1), 16)) if int(m.group(1), 16) in addr else None
+            if start is not None:
+                loops.append(ins[start:i + 1])
+    return sorted(loops, key=len, reverse=True)
+
+
+def opcode_counts(instructions: list[str]) -> dict[str, int]:
+    """Opcode (first word after an optional ``@P`` predicate, modifiers dropped) -> count."""
+    out: dict[str, int] = {}
+    for s in instructions:
+        words = s.split()
+        op = words[1] if words[0].startswith("@") and len(words) > 1 else words[0]
+        op = op.split(".")[0]
+        out[op] = out.get(op, 0) + 1
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))

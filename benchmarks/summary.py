@@ -39,7 +39,9 @@ SERVER = {
     "server.ttft_p50.c4": (4, "ttft_p50", "s", True),
     "server.requests_per_s.c16": (16, "req_s", "req/s", False),
 }
-# name -> (batch, context) of bench_paged's "kernel" rows (ours: layout nvfp4, budget 0.05)
+# name -> (batch, context) of bench_paged_math's rows: ours = layout nvfp4, the Hopper default
+# (math fp16, the default launch), selection + decode + reduce; peer = its "fa3" rows
+KERNEL_MATH, KERNEL_LAUNCH = "fp16", {"swap": True}
 KERNEL = {"kernel.decode.1x32k": (1, 32768), "kernel.decode.16x32k": (16, 32768),
           "kernel.decode.4x128k": (4, 131072)}
 
@@ -93,15 +95,19 @@ def figures(session: dict, defaults: dict | None = None) -> list[dict]:
         if mine and theirs:
             add(name, mine[field], unit, "FLASH_ATTN", theirs[field], lower,
                 _command(run_m, "vllm_serving.py") + " ; " + _command(run_p, "vllm_serving.py"))
-    krows = [(r, run) for run in runs for r in run.get("rows", []) if r.get("section") == "kernel"]
+    krows = [(r, run) for run in runs for r in run.get("rows", []) if "total_ms" in r]
     for name, (batch, ctx) in KERNEL.items():
-        hit = [(r, run) for r, run in krows if r.get("batch") == batch
-               and r.get("context") == ctx and r.get("layout") == "nvfp4"]
-        peer = [(r, run) for r, run in krows if r.get("batch") == batch
-                and r.get("context") == ctx and r.get("layout") == "fa3"]
-        if hit and peer:
-            add(name, hit[-1][0]["total_ms"], "ms", "FA3 paged decode (bf16)",
-                peer[-1][0]["total_ms"], True, _command(hit[-1][1], "bench_paged.py"))
+        def pick_k(match, batch=batch, ctx=ctx):
+            hits = [(r, run) for r, run in krows if r.get("batch") == batch
+                    and r.get("context") == ctx and match(r)]
+            return hits[-1] if hits else (None, None)
+
+        mine, run_m = pick_k(lambda r: r.get("section") == "decode" and r.get("layout") == "nvfp4"
+                             and r.get("math") == KERNEL_MATH and r.get("launch") == KERNEL_LAUNCH)
+        theirs, _ = pick_k(lambda r: r.get("section") == "fa3")
+        if mine and theirs:
+            add(name, mine["total_ms"], "ms", "FA3 paged decode (bf16)", theirs["total_ms"], True,
+                _command(run_m, "bench_paged_math.py"))
     for run in runs:  # quality figures carry their own names
         for f in run.get("figures", []):
             if f.get("name", "").startswith("quality."):

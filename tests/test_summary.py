@@ -38,10 +38,12 @@ def test_figures_ratios_and_merge(summary, tmp_path):
         "c3": {"meta": {"argv": ["--server-sweep"]}, "sweep": [
             {"backend": "FLASH_ATTN", "budget": None, "concurrency": 1, "ttft_p50": 1.0},
             {"backend": "thrift-nvfp4", "budget": 0.05, "concurrency": 1, "ttft_p50": 1.25}]},
-        "c4": {"rows": [{"section": "kernel", "batch": 16, "context": 32768, "layout": "nvfp4",
-                         "total_ms": 0.2},
-                        {"section": "kernel", "batch": 16, "context": 32768, "layout": "fa3",
-                         "total_ms": 0.5}]},
+        "c4": {"rows": [{"section": "decode", "batch": 16, "context": 32768, "layout": "nvfp4",
+                         "math": "fp16", "launch": {"swap": True}, "total_ms": 0.2},
+                        {"section": "decode", "batch": 16, "context": 32768, "layout": "nvfp4",
+                         "math": "fp4", "launch": {}, "total_ms": 0.1},  # not the default
+                        {"section": "fa3", "batch": 16, "context": 32768, "layout": "bf16",
+                         "math": "fa3", "total_ms": 0.5}]},
     }
     figs = {f["name"]: f for f in summary.figures(session)}
     assert figs["engine.decode.16x32k"]["ratio"] == 1.5  # rate: ours / peer

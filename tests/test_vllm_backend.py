@@ -450,6 +450,7 @@ def test_vllm_builder_budget_to_k_per_sequence(vllm_ok):
     b.config, b.page_size, b.per_request = ThriftBackendConfig(fp16_budget=0.25), 128, False
     b.exact_cpu_seq_lens = True
     b.use_triton, b.graph_buffers = True, None  # Triton path: decode inputs made here too
+    b.kv_layout, b.decode_math, b.prefill, b.varlen_attn = "auto", "fp4", "thrift", None
     qsl = torch.tensor([0, 300, 301, 365], dtype=torch.int32)
     seq_lens = torch.tensor([300, 900, 1000], dtype=torch.int32)
     common = CommonAttentionMetadata(
@@ -467,6 +468,22 @@ def test_vllm_builder_budget_to_k_per_sequence(vllm_ok):
     assert dec.num_fp16_blocks.tolist() == [md.num_fp16_blocks[1]]
     assert dec.block_table.shape == (1, 8) and dec.block_table.dtype == torch.int32
     assert dec.max_num_fp16_blocks == md.num_fp16_blocks[1]
+    assert md.flash_prefill is None and md.decode_math == "fp4"
+    # Hopper's routes: exact flash prefill (auto layout: every block from model-dtype K/V),
+    # fp16 decode; the nvfp4 layout's fp16 decode spends no budget (no model-dtype copy)
+    for kv_layout in ("auto", "nvfp4"):
+        b.kv_layout, b.decode_math, b.prefill = kv_layout, "fp16", "flash"
+        b.varlen_attn = print  # any callable: the metadata only carries it
+        md = b.build(0, common)
+        grids = [BlockGrid(sq, skv, 64, True) for sq, skv in [(300, 300), (1, 900), (64, 1000)]]
+        full = [budget_to_k(1.0, g) for g in grids]
+        assert md.num_fp16_blocks == ([full[0], budget_to_k(0.25, grids[1]), full[2]]
+                                      if kv_layout == "auto" else [0, 0, 0])
+        fp = md.flash_prefill
+        assert fp.rows == [0, 2] and fp.q_index is not None  # the decode row sits between
+        assert fp.cu_seqlens_q.tolist() == [0, 300, 364] and fp.seq_lens.tolist() == [300, 1000]
+        assert (fp.tile_seq is not None) == (kv_layout == "nvfp4")
+        assert md.varlen_attn is print and md.decode_math == "fp16"
 
 
 def test_vllm_request_budget_rows_follow_batch_updates(vllm_ok):

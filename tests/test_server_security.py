@@ -177,6 +177,23 @@ def test_no_method_passes_without_the_key():
         status, _, out = _run(mw, "GET", "/health")  # the one public route
         assert status == 200 and len(app.calls) == 1
 
+    async def websocket(headers):  # e.g. /v1/realtime: closed before accept (HTTP 403)
+        sent, reached = [], []
+
+        async def inner(scope, receive, send):
+            reached.append(scope["path"])
+
+        async def send(message):
+            sent.append(message)
+
+        await M.ThriftServerMiddleware(inner, settings=_settings())(
+            {"type": "websocket", "path": "/v1/realtime", "headers": headers}, None, send)
+        return sent, reached
+
+    assert asyncio.run(websocket([])) == ([{"type": "websocket.close", "code": 1008}], [])
+    assert asyncio.run(websocket([(b"authorization", f"Bearer {KEY}".encode())])) == (
+        [], ["/v1/realtime"])
+
 
 def test_one_bearer_rule():
     app = FakeApp()
@@ -319,23 +336,27 @@ def test_server_no_route_answers_without_the_key(server):
     """The sweep of issue 19: every registered route x every method, no key (or a wrong one,
     or ``Bearer  K`` with two spaces): 401 in OpenAI's format; a CORS preflight: only the
     preflight headers. Before the fix ``OPTIONS /metrics`` returned the whole Prometheus body."""
+    import httpx
+
     routes = _routes()
     paths = {re.sub(r"\{[^}]*\}", "x", p) for p, _ in routes}
     assert {"/metrics", "/v1/completions", "/inference/v1/generate", "/v1/models"} <= paths
-    metrics = _http(server, "GET", "/metrics", [("Authorization", f"Bearer {KEY}")]).text
-    assert "vllm:" in metrics
-    for path in sorted(paths - set(M.PUBLIC_PATHS)):
-        for method in METHODS:
-            for auth in ([], [("Authorization", f"Bearer  {KEY}")]):
-                r = _http(server, method, path, auth)
-                assert r.status_code == 401, (method, path, auth, r.status_code, r.text[:200])
-                if method != "HEAD":
-                    assert set(r.json()["error"]) == {"message", "type", "param", "code"}
-                assert "vllm:" not in r.text
-        r = _http(server, "OPTIONS", path, [("Origin", ORIGIN),
-                                            ("Access-Control-Request-Method", "POST")])
-        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == ORIGIN
-        assert len(r.content) < 10 and "vllm:" not in r.text, (path, r.text[:200])
+    with httpx.Client(base_url=server.url, timeout=60) as client:
+        metrics = client.get("/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
+        assert "vllm:" in metrics
+        for path in sorted(paths - set(M.PUBLIC_PATHS)):
+            for method in METHODS:
+                for auth in ({}, {"Authorization": f"Bearer  {KEY}"}):
+                    r = client.request(method, path, headers=auth)
+                    assert r.status_code == 401, (method, path, auth, r.status_code,
+                                                  r.text[:200])
+                    if method != "HEAD":
+                        assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+                    assert "vllm:" not in r.text
+            r = client.options(path, headers={"Origin": ORIGIN,
+                                              "Access-Control-Request-Method": "POST"})
+            assert r.status_code == 200 and r.headers["access-control-allow-origin"] == ORIGIN
+            assert len(r.content) < 10 and "vllm:" not in r.text, (path, r.text[:200])
 
 
 @needs_vllm

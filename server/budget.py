@@ -116,14 +116,10 @@ def check_range(value: float, param: str, raw: Any = None) -> float:
 
 
 class _LongFloat(float):
-    """A JSON number whose literal text is over ``MAX_TEXT_LEN`` characters: its value where it
-    is not a budget (the body re-serialises unchanged), rejected where it is one."""
+    """A JSON number with a fraction or exponent whose literal text is over ``MAX_TEXT_LEN``
+    characters: its value where it is not a budget (the body re-serialises unchanged), rejected
+    where it is one. (A JSON integer that long is >= 1e32: out of range anyway.)"""
 
-    length = 0
-
-
-class _LongInt(int):
-    __doc__ = _LongFloat.__doc__
     length = 0
 
 
@@ -144,22 +140,21 @@ def _json_float(text: str) -> float:
 
 
 def _json_int(text: str) -> int | TooLongNumber:
-    if len(text) <= MAX_TEXT_LEN:
-        return int(text)
     try:
-        out = _LongInt(text)
+        return int(text)
     except ValueError:
         return TooLongNumber(len(text))
-    out.length = len(text)
-    return out
 
 
 def loads(raw: bytes | str) -> Any:
-    """``json.loads`` that remembers which numbers were written with over ``MAX_TEXT_LEN``
-    characters (so the body's budget obeys the text grammar's length limit) and does not fail
-    on integers past Python's digit limit. Raises ``ValueError`` (or ``RecursionError``) on
-    JSON that is not valid."""
-    return json.loads(raw, parse_float=_json_float, parse_int=_json_int)
+    """``json.loads`` that remembers which non-integer numbers were written with over
+    ``MAX_TEXT_LEN`` characters (so the body's budget obeys the text grammar's length limit)
+    and does not fail on integers past Python's digit limit. Raises ``ValueError`` (or
+    ``RecursionError``) on JSON that is not valid."""
+    try:  # integers through json's own fast path (a 100K-token prompt is 100K of them)
+        return json.loads(raw, parse_float=_json_float)
+    except ValueError:  # not JSON, or an integer of over 4300 digits: once more to tell
+        return json.loads(raw, parse_float=_json_float, parse_int=_json_int)
 
 
 def parse_value(raw: Any, param: str) -> float:
@@ -167,7 +162,7 @@ def parse_value(raw: Any, param: str) -> float:
     bools, null, lists... are rejected."""
     if isinstance(raw, str):
         return parse_text(raw, param)
-    if isinstance(raw, (_LongFloat, _LongInt, TooLongNumber)):
+    if isinstance(raw, (_LongFloat, TooLongNumber)):
         raise BudgetError(f"{param} is too long ({raw.length} characters, at most "
                           f"{MAX_TEXT_LEN}); expected a number in [0, 1]", param)
     if isinstance(raw, bool) or not isinstance(raw, (int, float)):

@@ -231,6 +231,7 @@ def test_own_responses_carry_cors_and_request_id(monkeypatch):
         (mw, "POST", "/v1/completions", [o, AUTH], b'{"fp16_budget": "\xd9\xa0"}', 400),
         (mw, "POST", "/v1/completions", [o, AUTH], b'{"vllm_xargs": [1]}', 400),
         (mw, "POST", "/v1/completions", [o, AUTH], b'{"prompt": ', 400),
+        (mw, "POST", "/v1/completions", [o, AUTH], b'{"n": ' + b"1" * 5000 + b"}", 400),
         (reject, "POST", "/v1/completions", [o, AUTH, ("X-FP16-Budget", "0.9")], b"{}", 400),
         (mw, "POST", "/v1/completions", [o, AUTH], b"{" + b" " * 2000 + b"}", 413),
         (mw, "POST", "/v1/completions", [o, AUTH, ("Content-Length", "5000")], b"{}", 413),

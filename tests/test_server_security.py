@@ -220,7 +220,7 @@ def _check_cors_and_id(hdrs, request_id=None):
 
 
 def test_own_responses_carry_cors_and_request_id(monkeypatch):
-    monkeypatch.setattr(M, "MAX_BODY_BYTES", 1000)
+    monkeypatch.setattr(M, "MAX_BODY_BYTES", 10_000)
     app = FakeApp()
     mw = M.ThriftServerMiddleware(app, settings=_settings())
     reject = M.ThriftServerMiddleware(app, settings=_settings(over_cap="reject"))
@@ -233,8 +233,8 @@ def test_own_responses_carry_cors_and_request_id(monkeypatch):
         (mw, "POST", "/v1/completions", [o, AUTH], b'{"prompt": ', 400),
         (mw, "POST", "/v1/completions", [o, AUTH], b'{"n": ' + b"1" * 5000 + b"}", 400),
         (reject, "POST", "/v1/completions", [o, AUTH, ("X-FP16-Budget", "0.9")], b"{}", 400),
-        (mw, "POST", "/v1/completions", [o, AUTH], b"{" + b" " * 2000 + b"}", 413),
-        (mw, "POST", "/v1/completions", [o, AUTH, ("Content-Length", "5000")], b"{}", 413),
+        (mw, "POST", "/v1/completions", [o, AUTH], b"{" + b" " * 20_000 + b"}", 413),
+        (mw, "POST", "/v1/completions", [o, AUTH, ("Content-Length", "10001")], b"{}", 413),
         (mw, "GET", "/v1/thrift/config", [o, AUTH], b"", 200),
     ]
     for m, method, path, headers, body, want in cases:

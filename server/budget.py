@@ -35,7 +35,7 @@ MAX_TEXT_LEN = 32
 MAX_SALT_LEN = 128
 SALT_FORBIDDEN = frozenset("@/\\\x00")
 
-# ASCII only ([0-9], not \\d: Python's \\d and float() accept every unicode digit).
+# ASCII only ([0-9], not \d: Python's \d and float() accept every unicode digit).
 _DECIMAL = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?", re.ASCII)
 _BLANK = " \t"  # HTTP's optional whitespace; nothing else is stripped (no NBSP, no newline)
 # Where a route carries engine arguments (the budget goes there): a path of keys in the body.

@@ -2,16 +2,22 @@
 framework (the middleware and the tests call these directly).
 
 Sources, highest first: the ``X-FP16-Budget`` header; ``fp16_budget`` in the JSON body (top level
-or inside ``vllm_xargs``; both present and different is an error); the server default. Values are
-decimal numbers in [0, 1] (``nan``, ``inf``, hex, ``1_0``, empty, over-long strings are rejected).
-A valid value above the server cap is clamped to the cap or rejected (``--budget-over-cap``).
-Every problem is a ``BudgetError`` (HTTP 400) whose message names the source and the value.
+or inside the route's engine arguments: ``vllm_xargs`` on the OpenAI routes,
+``sampling_params.extra_args`` on ``/inference/v1/generate``; both present and different is an
+error); the server default. One grammar for every text form (header, JSON string) and for the
+literal text of a JSON number: ASCII ``[+-]digits[.digits][e[+-]digits]`` (or ``.digits``),
+optionally surrounded by spaces/tabs, at most 32 characters, value in [0, 1]. Anything else
+(unicode digits such as ``"٠.٢"``, ``nan``/``NaN``, ``inf``, hex, ``1_0``, empty, over-long
+numbers, booleans, null, lists) is rejected. A valid value above the server cap is clamped to
+the cap or rejected (``--budget-over-cap``). Every problem is a ``BudgetError`` (HTTP 400) whose
+message names the source and the value.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import math
 import re
 from collections.abc import Mapping
@@ -29,7 +35,12 @@ MAX_TEXT_LEN = 32
 MAX_SALT_LEN = 128
 SALT_FORBIDDEN = frozenset("@/\\\x00")
 
-_DECIMAL = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
+# ASCII only ([0-9], not \d: Python's \d and float() accept every unicode digit).
+_DECIMAL = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?", re.ASCII)
+_BLANK = " \t"  # HTTP's optional whitespace; nothing else is stripped (no NBSP, no newline)
+# Where a route carries engine arguments (the budget goes there): a path of keys in the body.
+XARGS_PATH = (XARGS_KEY,)
+GENERATE_XARGS_PATH = ("sampling_params", "extra_args")
 
 
 class BudgetError(ValueError):
@@ -89,7 +100,7 @@ def parse_text(raw: str | bytes, param: str) -> float:
     if len(raw) > MAX_TEXT_LEN:
         raise BudgetError(f"{param} is too long ({len(raw)} characters, at most {MAX_TEXT_LEN}): "
                           f"{_show(raw)}", param)
-    text = raw.strip()
+    text = raw.strip(_BLANK)
     if not text:
         raise BudgetError(f"{param} is empty; expected a number in [0, 1]", param)
     if not _DECIMAL.fullmatch(text):
@@ -104,10 +115,56 @@ def check_range(value: float, param: str, raw: Any = None) -> float:
     return value + 0.0  # -0.0 -> 0.0
 
 
+class _LongFloat(float):
+    """A JSON number with a fraction or exponent whose literal text is over ``MAX_TEXT_LEN``
+    characters: its value where it is not a budget (the body re-serialises unchanged), rejected
+    where it is one. (A JSON integer that long is >= 1e32: out of range anyway.)"""
+
+    length = 0
+
+
+class TooLongNumber:
+    """A JSON integer past Python's int-conversion limit (4300 digits): neither a budget nor
+    serialisable (``json.dumps`` raises ``TypeError``, the middleware answers 400)."""
+
+    def __init__(self, length: int) -> None:
+        self.length = length
+
+
+def _json_float(text: str) -> float:
+    if len(text) <= MAX_TEXT_LEN:
+        return float(text)
+    out = _LongFloat(text)
+    out.length = len(text)
+    return out
+
+
+def _json_int(text: str) -> int | TooLongNumber:
+    try:
+        return int(text)
+    except ValueError:
+        return TooLongNumber(len(text))
+
+
+def loads(raw: bytes | str) -> Any:
+    """``json.loads`` that remembers which non-integer numbers were written with over
+    ``MAX_TEXT_LEN`` characters (so the body's budget obeys the text grammar's length limit)
+    and does not fail on integers past Python's digit limit. Raises ``ValueError`` (or
+    ``RecursionError``) on JSON that is not valid."""
+    try:  # integers through json's own fast path (a 100K-token prompt is 100K of them)
+        return json.loads(raw, parse_float=_json_float)
+    except ValueError:  # not JSON, or an integer of over 4300 digits: once more to tell
+        return json.loads(raw, parse_float=_json_float, parse_int=_json_int)
+
+
 def parse_value(raw: Any, param: str) -> float:
-    """A budget from JSON: a number, or a numeric string; bools, null, lists... are rejected."""
+    """A budget from JSON: a number, or a numeric string, both in the one grammar (module doc);
+    bools, null, lists... are rejected."""
     if isinstance(raw, str):
         return parse_text(raw, param)
+    if isinstance(raw, (_LongFloat, TooLongNumber)):
+        raise BudgetError(f"{param} is too long ({raw.length} characters, at most "
+                          f"{MAX_TEXT_LEN}); expected a number in [0, 1]", param)
     if isinstance(raw, bool) or not isinstance(raw, (int, float)):
         raise BudgetError(f"{param} must be a number in [0, 1], got {_show(raw)}", param)
     try:
@@ -127,17 +184,36 @@ def header_budget(values: list[bytes] | list[str]) -> float | None:
     return parse_text(values[0], HEADER_DISPLAY)
 
 
-def body_budget(body: Mapping[str, Any]) -> float | None:
-    """``fp16_budget`` at the top level and/or in ``vllm_xargs`` -> budget or None."""
+def _engine_args(body: Mapping[str, Any], where: tuple[str, ...]) -> Mapping[str, Any] | None:
+    """The mapping at ``where`` in ``body`` (None where a level is absent or null). A level of
+    another type is a ``BudgetError`` (vLLM answers ``"vllm_xargs": [1]`` with 400 too; replacing
+    it silently would run a request the client did not send)."""
+    node: Any = body
+    for i, key in enumerate(where):
+        node = node.get(key)
+        if node is None:
+            return None
+        if not isinstance(node, Mapping):
+            name = ".".join(where[:i + 1])
+            raise BudgetError(f"{name} must be a JSON object, got {_show(node)}", name,
+                              code="invalid_request")
+    return node
+
+
+def body_budget(body: Mapping[str, Any], where: tuple[str, ...] = XARGS_PATH) -> float | None:
+    """``fp16_budget`` at the top level and/or in the engine arguments at ``where``
+    (``vllm_xargs``; ``sampling_params.extra_args`` on ``/inference/v1/generate``) -> budget or
+    None. The containers on that path must be objects (or null)."""
     found: list[float] = []
     if BODY_KEY in body:
         found.append(parse_value(body[BODY_KEY], BODY_KEY))
-    xargs = body.get(XARGS_KEY)
-    if isinstance(xargs, Mapping) and BODY_KEY in xargs:
-        found.append(parse_value(xargs[BODY_KEY], f"{XARGS_KEY}.{BODY_KEY}"))
+    xargs = _engine_args(body, where)
+    inner = ".".join((*where, BODY_KEY))
+    if xargs is not None and BODY_KEY in xargs:
+        found.append(parse_value(xargs[BODY_KEY], inner))
     if len(found) == 2 and found[0] != found[1]:
-        raise BudgetError(f"{BODY_KEY} ({fmt(found[0])}) and {XARGS_KEY}.{BODY_KEY} "
-                          f"({fmt(found[1])}) disagree; give one", BODY_KEY)
+        raise BudgetError(f"{BODY_KEY} ({fmt(found[0])}) and {inner} ({fmt(found[1])}) "
+                          "disagree; give one", BODY_KEY)
     return found[0] if found else None
 
 
@@ -174,15 +250,27 @@ def salt_for(budget: float, client_salt: Any) -> Any:
     return merged
 
 
-def rewrite_body(body: dict[str, Any], budget: float, salt: bool = True) -> dict[str, Any]:
-    """A copy of the request body with the applied budget in ``vllm_xargs`` (top-level
-    ``fp16_budget`` removed) and, when ``salt``, the per-budget ``cache_salt``."""
+def rewrite_body(body: dict[str, Any], budget: float, salt: bool = True,
+                 where: tuple[str, ...] = XARGS_PATH) -> dict[str, Any]:
+    """A copy of the request body with the applied budget in the engine arguments at ``where``
+    (created if absent; an absent outer level, e.g. a missing ``sampling_params``, is left for
+    vLLM to reject), top-level ``fp16_budget`` removed and, when ``salt``, the per-budget
+    ``cache_salt``. Call ``body_budget`` first (it rejects containers that are not objects)."""
     out = dict(body)
     out.pop(BODY_KEY, None)
-    xargs = out.get(XARGS_KEY)
-    xargs = dict(xargs) if isinstance(xargs, Mapping) else {}
-    xargs[BODY_KEY] = budget
-    out[XARGS_KEY] = xargs
+    node = out
+    for key in where[:-1]:
+        inner = node.get(key)
+        if not isinstance(inner, Mapping):
+            node = None
+            break
+        node[key] = dict(inner)
+        node = node[key]
+    if node is not None:
+        xargs = node.get(where[-1])
+        xargs = dict(xargs) if isinstance(xargs, Mapping) else {}
+        xargs[BODY_KEY] = budget
+        node[where[-1]] = xargs
     if salt:
         out[SALT_KEY] = salt_for(budget, body.get(SALT_KEY))
     return out

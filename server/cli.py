@@ -12,10 +12,12 @@
 selected (``--attention-backend CUSTOM``), the per-request budget logits processor added, the
 server budget default and selection passed to the backend through
 ``--additional-config '{"thrift_vllm": {...}}'``, and ``ThriftServerMiddleware`` (budget header and
-body, cap, cache salt, ``X-FP16-Budget-Applied``, ``/v1/thrift/config``, API key on every route but
-``/health``) added through ``--middleware``. Without MODEL it serves the embedded model
-(``thrift_vllm.server.models``: trained if shipped, else the untrained placeholder, made on first
-use).
+body, cap, cache salt, ``X-FP16-Budget-Applied``, ``/v1/thrift/config``, API key on every route and
+method but ``/health``, vLLM's CORS and request-id headers on its own responses) added through
+``--middleware``. The API key is kept in this process (vLLM's args and the middleware's
+settings): ``VLLM_API_KEY`` is removed from the environment the engine's processes inherit.
+Without MODEL it serves the embedded model (``thrift_vllm.server.models``: trained if shipped,
+else the untrained placeholder, made on first use).
 """
 
 from __future__ import annotations
@@ -247,9 +249,16 @@ def prepare(argv: list[str]):
                                                      "impl", "bulk_math", "prefill",
                                                      "decode_math")}
     backend_info.update(_routes_info(backend, args.kv_cache_dtype or "auto"))
+    args.api_key = keys or None  # the environment's VLLM_API_KEY is dropped in serve()
     middleware.configure({
         "budget": budget.as_dict(), "api_keys": keys,
         "cache_salt": not args.no_budget_cache_salt,
+        # vLLM's own CORS and request-id settings, so the middleware's own responses match
+        "cors": {"allow_origins": list(args.allowed_origins or []),
+                 "allow_credentials": bool(args.allow_credentials),
+                 "allow_methods": list(args.allowed_methods or []),
+                 "allow_headers": list(args.allowed_headers or [])},
+        "request_id_headers": bool(getattr(args, "enable_request_id_headers", False)),
         "backend": {"name": "ThriftAttention (vLLM attention backend CUSTOM)", **backend_info},
         "model": args.served_model_name[0] if args.served_model_name else args.model,
         "untrained_placeholder": info["placeholder"],
@@ -390,6 +399,9 @@ def serve(argv: list[str]) -> int:
     validate_parsed_serve_args = api["validate_parsed_serve_args"]
     api["cli_env_setup"]()
     args, info = prepare(argv)
+    # The keys now live in args (vLLM's own check) and the middleware's settings, both in this
+    # process only; the engine's processes inherit the environment, so the key leaves it.
+    os.environ.pop("VLLM_API_KEY", None)
     from vllm.platforms import current_platform
 
     if current_platform.is_cpu() and "VLLM_CPU_KVCACHE_SPACE" not in os.environ:

@@ -11,18 +11,15 @@ text.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import functools
 import json
 import os
 import signal
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from server_process import needs_vllm, start_server, vllm_import_error
 from thrift_vllm.server import budget as B  # noqa: N812
 from thrift_vllm.server.middleware import ThriftServerMiddleware
 
@@ -31,19 +28,6 @@ CAP = 0.5
 DEFAULT = 0.05
 MALFORMED = ["abc", "NaN", "nan", "inf", "-inf", "-0.1", "1.5", "", "   ", "0x1", "1_0",
              "0.1,0.2", "9" * 5000]
-
-
-@functools.cache
-def _vllm_import_error() -> str | None:
-    try:
-        import vllm  # noqa: F401
-    except Exception as e:
-        return f"{type(e).__name__}: {e}"
-    return None
-
-
-needs_vllm = pytest.mark.skipif(_vllm_import_error() is not None,
-                                reason=f"import vllm failed: {_vllm_import_error()}")
 
 
 # --- budget parsing (pure) -----------------------------------------------------------------------
@@ -288,10 +272,13 @@ def test_cli_prepare_selects_backend(monkeypatch):
     from thrift_vllm.backend.request_budget import QUALNAME
 
     monkeypatch.setattr(middleware, "_settings", None)
-    monkeypatch.setenv(middleware.SETTINGS_ENV, "{}")  # restored (removed) after the test
+    environ = dict(os.environ)
     args, info = cli.prepare(["some/model", "--fp16-budget", "0.1", "--max-fp16-budget", "0.25",
                               "--budget-over-cap", "reject", "--selection", "quest",
-                              "--additional-config", '{"x": 1}', "--api-key", "k"])
+                              "--additional-config", '{"x": 1}', "--api-key", "k",
+                              "--allowed-origins", '["https://a.example"]',
+                              "--enable-request-id-headers"])
+    assert dict(os.environ) == environ  # the settings (and the key) stay out of the environment
     assert args.model == "some/model" and args.attention_backend == "CUSTOM"
     assert QUALNAME in args.logits_processors and cli.MIDDLEWARE in args.middleware
     assert args.additional_config == {"x": 1, "thrift_vllm": {"fp16_budget": 0.1,
@@ -299,6 +286,7 @@ def test_cli_prepare_selects_backend(monkeypatch):
     s = middleware.current_settings()
     assert s["budget"] == {"default": 0.1, "cap": 0.25, "over_cap": "reject"}
     assert s["api_keys"] == ["k"] and not info["placeholder"]
+    assert s["cors"]["allow_origins"] == ["https://a.example"] and s["request_id_headers"]
     assert info["kv_layout"] == "auto" and args.kv_cache_dtype in (None, "auto")
     args, _ = cli.prepare(["m", "--bulk-math", "fp8"])
     assert args.additional_config["thrift_vllm"]["bulk_math"] == "fp8"
@@ -333,65 +321,14 @@ def test_cli_warmup_tokens_policy():
 
 # --- one real server --------------------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    def __init__(self, proc, port, log):
-        self.proc, self.port, self.log = proc, port, log
-        self.url = f"http://127.0.0.1:{port}"
-
-    def tail(self, n=60) -> str:
-        return "\n".join(Path(self.log).read_text(errors="replace").splitlines()[-n:])
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    if _vllm_import_error() is not None:
-        pytest.skip(f"import vllm failed: {_vllm_import_error()}")
-    import httpx
-
-    tmp = tmp_path_factory.mktemp("server")
-    log = tmp / "server.log"
-    port = _free_port()
-    env = dict(os.environ, HF_HUB_OFFLINE="1", VLLM_NO_USAGE_STATS="1",
-               VLLM_CPU_KVCACHE_SPACE="1", TOKENIZERS_PARALLELISM="false")
-    env.pop("VLLM_API_KEY", None)
-    cmd = [sys.executable, "-m", "thrift_vllm.server.cli", "serve", "--host", "127.0.0.1",
-           "--port", str(port), "--max-model-len", "512", "--enforce-eager", "--api-key", KEY,
-           "--max-fp16-budget", str(CAP), "--fp16-budget", str(DEFAULT), "--max-num-seqs", "16",
-           "--enable-log-requests", "--warmup-tokens", "200"]
-    # A temporary cwd, so a stale egg-info in the checkout cannot hide the entry points.
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, cwd=tmp, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-    srv = Server(proc, port, log)
-    try:
-        deadline = time.monotonic() + 240
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"server exited with {proc.returncode}:\n{srv.tail()}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(srv.url + "/health", timeout=2).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                pytest.fail(f"server not healthy after 240 s:\n{srv.tail()}")
-            time.sleep(1)
+    if vllm_import_error() is not None:
+        pytest.skip(f"import vllm failed: {vllm_import_error()}")
+    args = ["--api-key", KEY, "--max-fp16-budget", str(CAP), "--fp16-budget", str(DEFAULT),
+            "--max-num-seqs", "16", "--enable-log-requests", "--warmup-tokens", "200"]
+    with start_server(tmp_path_factory.mktemp("server"), args) as srv:
         yield srv
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                pass
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)  # the engine core, if anything is left
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(10)
 
 
 def _client(server, **kw):

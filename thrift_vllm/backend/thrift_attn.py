@@ -97,6 +97,11 @@ class ThriftAttentionMetadata:
 
 class ThriftAttentionMetadataBuilder(AttentionMetadataBuilder[ThriftAttentionMetadata]):
     _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.NEVER
+    # Until __init__ resolves them for the device (routes.resolve_routes): the FP4 semantics.
+    kv_layout: str = "auto"
+    decode_math: str = "fp4"
+    prefill: str = "thrift"
+    varlen_attn: Callable | None = None
 
     def __init__(self, kv_cache_spec: AttentionSpec, layer_names: list[str],
                  vllm_config: VllmConfig, device: torch.device) -> None:

@@ -119,7 +119,8 @@ def build_parser():
                    "FP4 semantics), fp8 (faster on Hopper, approximate) or native (Blackwell "
                    "block-scaled MMA, exact; --kv-layout auto); default bf16")
     g.add_argument("--no-budget-cache-salt", action="store_true",
-                   help="do not add a per-budget cache_salt (only safe with prefix caching off)")
+                   help="do not add a per-budget cache_salt (only safe with prefix caching off: "
+                   "the engine warns at start otherwise)")
     g.add_argument("--warmup-tokens", type=int, default=None,
                    help="prompt tokens of one request the engine runs before the server "
                    "listens, so the thrift Triton kernels compile (one variant per "
@@ -220,6 +221,8 @@ def prepare(argv: list[str]):
         thrift["selection"] = args.selection
     if args.bulk_math is not None:
         thrift["bulk_math"] = args.bulk_math
+    if args.no_budget_cache_salt:  # the engine's own salt too (budget_route): one switch
+        thrift["budget_cache_salt"] = False
     try:
         backend = ThriftBackendConfig.from_mapping(
             thrift, base=ThriftBackendConfig.from_mapping(_env_values()))

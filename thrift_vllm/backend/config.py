@@ -72,6 +72,10 @@ class ThriftBackendConfig:
     --full-decode-graphs``: greedy, teacher-forced, prefix hits, preemption; BENCHMARKS.md) and
     decodes up to 3.8x faster than piecewise at 16 x 8K; ``false``: vLLM captures the model
     piecewise and runs attention eagerly between the pieces."""
+    budget_cache_salt: bool = True
+    """Fold each request's budget into its prefix-cache salt (``budget_route``): blocks written
+    at one budget are never read at another. ``false`` shares them (a warning at start when
+    prefix caching is on); ``thrift-vllm serve --no-budget-cache-salt`` sets it."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "fp16_budget", check_budget(self.fp16_budget))
@@ -87,8 +91,9 @@ class ThriftBackendConfig:
         if self.bulk_math != "bf16" and self.impl == "torch":
             raise ValueError(f"bulk_math {self.bulk_math!r} runs on the Triton kernels only; "
                              "impl 'torch' computes the exact FP4 semantics (bulk_math 'bf16')")
-        if not isinstance(self.cuda_graphs, bool):
-            raise ValueError(f"cuda_graphs must be true or false, got {self.cuda_graphs!r}")
+        for name in ("cuda_graphs", "budget_cache_salt"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
 
     def uses_triton(self, device_type: str) -> bool:
         """The Triton kernels run for impl "triton", or "auto" on a CUDA device."""
@@ -153,7 +158,8 @@ def _env_values(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
         raw = environ.get(ENV_PREFIX + f.name.upper())
         if raw is None or raw == "":
             continue
-        convert = {"fp16_budget": float, "block_size": int, "cuda_graphs": boolean}.get(f.name, str)
+        convert = {"fp16_budget": float, "block_size": int, "cuda_graphs": boolean,
+                   "budget_cache_salt": boolean}.get(f.name, str)
         try:
             out[f.name] = convert(raw)
         except ValueError:

@@ -12,7 +12,6 @@ import statistics
 import types
 
 import pytest
-
 from test_vllm_backend import MAX_TOKENS, _run_engines, _vllm_import_error
 
 LP = "thrift_vllm.backend.request_budget:FP16BudgetLogitsProcessor"
@@ -169,7 +168,7 @@ def _max_diff(a: list[list[float]], b: list[list[float]]) -> float:
 def test_plain_vllm_budget_reaches_attention_without_a_flag(plain_results):
     """Teacher-forced log-probs: budget 1.0 matches the stock backend, budget 0.0 does not; a
     bad budget is refused at admission. (Before budget_route, both ran the default 0.05.)"""
-    out, n = plain_results
+    out, _ = plain_results
     (stock,) = out["scores"]["stock"]
     # the stock run's own continuations, scored by the thrift engine at budgets 1 and 0
     at1, at0 = out["scores"]["plain"]

@@ -179,6 +179,10 @@ def test_plain_vllm_budget_reaches_attention_without_a_flag(plain_results):
     assert diff1 < CLOSE, diff1
     assert diff0 > FAR, (diff0, diff1)
     assert "fp16_budget" in out["errors"].get("plain", ""), out["errors"]
+    # budget 1 is exact to the bit across step shapes: the same tokens generated (decode steps
+    # after 64-token prefill chunks) and teacher-forced (prefill chunks) get the same log-probs
+    assert out["plain"][len(at1):] == out["stock"]
+    assert out["logprobs"]["plain"][len(at1):] == at1
 
 
 @pytest.mark.slow

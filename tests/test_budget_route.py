@@ -200,3 +200,17 @@ def test_plain_vllm_prefix_cache_keeps_budgets_apart(plain_results):
     nosalt = out["logprobs"]["nosalt"][n:]
     assert out["nosalt"][n:] != stock_tokens or _max_diff(nosalt, stock_lp) > FAR
     assert "budget_cache_salt is off while prefix caching is on" in out["log"]
+
+
+def test_serve_no_budget_cache_salt_reaches_the_engine(route, monkeypatch):
+    """``thrift-vllm serve --no-budget-cache-salt`` turns off the engine's salt too (one
+    switch), so the engine's start-up warning sees it."""
+    from thrift_vllm.server import cli, middleware
+
+    monkeypatch.setattr(middleware, "_settings", None)
+    monkeypatch.setenv(middleware.SETTINGS_ENV, "{}")
+    args, _ = cli.prepare(["m", "--no-budget-cache-salt"])
+    assert args.additional_config["thrift_vllm"]["budget_cache_salt"] is False
+    assert middleware.current_settings()["cache_salt"] is False
+    args, _ = cli.prepare(["m"])
+    assert "budget_cache_salt" not in args.additional_config["thrift_vllm"]  # default: on

@@ -169,6 +169,8 @@ def test_plain_vllm_budget_reaches_attention_without_a_flag(plain_results):
     """Teacher-forced log-probs: budget 1.0 matches the stock backend, budget 0.0 does not; a
     bad budget is refused at admission. (Before budget_route, both ran the default 0.05.)"""
     out, _ = plain_results
+    assert out["procs"] == {"stock": [], "plain": [LP], "nosalt": [LP]}  # thrift engines only
+    assert out["impls"]["plain"] == [["ThriftAttentionImpl"]]
     (stock,) = out["scores"]["stock"]
     # the stock run's own continuations, scored by the thrift engine at budgets 1 and 0
     at1, at0 = out["scores"]["plain"]

@@ -180,6 +180,8 @@ def run_engines(spec: dict) -> dict:
         out["kv"][run["name"]] = {"blocks": cc.num_gpu_blocks, "block_size": cc.block_size,
                                   "preemptions": _preemptions(llm)}
         out.setdefault("impls", {})[run["name"]] = llm.apply_model(_attention_impls)
+        out.setdefault("procs", {})[run["name"]] = [
+            str(p) for p in llm.llm_engine.vllm_config.model_config.logits_processors or []]
         if run.get("bad_extra_args") is not None:
             try:
                 llm.generate(spec["prompts"][:1], params(run["bad_extra_args"]), use_tqdm=False)

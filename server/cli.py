@@ -129,7 +129,8 @@ def build_parser():
                    "(GPUs without FP4 MMAs), fp4 = the paper's FP4 semantics (FP4 MMAs on "
                    "sm_120), auto = by device")
     g.add_argument("--no-budget-cache-salt", action="store_true",
-                   help="do not add a per-budget cache_salt (only safe with prefix caching off)")
+                   help="do not add a per-budget cache_salt (only safe with prefix caching off: "
+                   "the engine warns at start otherwise)")
     g.add_argument("--warmup-tokens", type=int, default=None,
                    help="prompt tokens of one request the engine runs before the server "
                    "listens, so the thrift Triton kernels compile (one variant per "
@@ -231,6 +232,8 @@ def prepare(argv: list[str]):
     for name in ("bulk_math", "prefill", "decode_math"):
         if getattr(args, name) is not None:
             thrift[name] = getattr(args, name)
+    if args.no_budget_cache_salt:  # the engine's own salt too (budget_route): one switch
+        thrift["budget_cache_salt"] = False
     try:
         backend = ThriftBackendConfig.from_mapping(
             thrift, base=ThriftBackendConfig.from_mapping(_env_values()))

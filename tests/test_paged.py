@@ -234,3 +234,39 @@ def test_fp4_requantisation_of_own_output(dtype, axis):
     d = dequantize(quantize(y, "nvfp4"))
     assert d[0].item() == 2.0 ** -6
     assert dequantize(quantize(d, "nvfp4"))[0].item() == 6 * 2.0 ** -9
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("D", [64, 128])
+def test_paged_exact_path_same_bits_in_decode_and_prefill(dtype, D):
+    """Budget 1 in the auto layout: a query's output does not depend on how many queries share
+    its step (whole prefill, chunks, one decode token each) — preemption and chunking give the
+    same bits, as vLLM's stock backend does."""
+    g = torch.Generator().manual_seed(11)
+    N, Hq, Hkv, page = 203, 6, 2, 64
+    lay = KVLayout("auto", D, page, 64, "nvfp4", "block_mean", dtype)
+    k, v = (torch.randn(N, Hkv, D, generator=g).to(dtype) for _ in range(2))
+    q = (torch.randn(N, Hq, D, generator=g) * 2).to(dtype)
+    n_pages = -(-N // page)
+    cache = torch.zeros(n_pages + 2, Hkv, page, lay.bytes_per_head_token, dtype=torch.uint8)
+    views = lay.views(cache)
+    table = torch.randperm(n_pages + 2, generator=g)[None, :n_pages].to(torch.int32)
+    pos = torch.arange(N)
+    write_kv(lay, views, k, v, table[0, pos // page].long() * page + pos % page)
+
+    def attend(a: int, b: int) -> torch.Tensor:  # queries a..b-1 over keys 0..b-1
+        return paged_attention(lay, views, q[a:b], k[a:b], v[a:b], query_start_loc=[0, b - a],
+                               seq_lens=[b], block_table=table, fp16_budgets=[1.0],
+                               scale=D ** -0.5)
+
+    whole = attend(0, N)
+    decode = torch.cat([attend(t, t + 1) for t in range(N)])
+    chunks = torch.cat([attend(a, min(N, a + 37)) for a in range(0, N, 37)])
+    assert torch.equal(decode, whole), (decode != whole).sum()
+    assert torch.equal(chunks, whole), (chunks != whole).sum()
+    # and it is exact attention (float64 softmax by hand)
+    kk, vv = (t.double().repeat_interleave(Hq // Hkv, dim=1).transpose(0, 1) for t in (k, v))
+    s = (q.double().transpose(0, 1) @ kk.transpose(1, 2)) * D ** -0.5
+    s = s.masked_fill(pos[None, None, :] > pos[None, :, None], float("-inf"))
+    ref = (s.softmax(-1) @ vv).transpose(0, 1)
+    assert (whole.double() - ref).abs().max() <= 2 * torch.finfo(dtype).eps * ref.abs().max()

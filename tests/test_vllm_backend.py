@@ -597,7 +597,9 @@ def _run_engines(tmp_path_factory, name: str, head_dim: int, runs, extra_env=Non
     if proc.returncode != 0:
         pytest.fail(f"engine run failed (rc={proc.returncode}):\n{proc.stdout[-3000:]}\n"
                     f"{proc.stderr[-6000:]}")
-    return json.loads((work / "out.json").read_text()), n
+    out = json.loads((work / "out.json").read_text())
+    out["log"] = proc.stdout + proc.stderr  # the engines' log lines (start-up warnings)
+    return out, n
 
 
 def _core_runs(n: int, base: dict) -> list[dict]:

@@ -112,7 +112,9 @@ def make_tiny_llama(path: str | Path, seed: int = 0, head_dim: int = HEAD_DIM) -
 # vLLM on CPU spawns processes, so engines run in a fresh interpreter started by the tests (and
 # guarded by ``__main__``). SPEC_JSON: {"model": dir, "prompts": [...], "max_tokens": n,
 # "runs": [{"name": str, "llm": {LLM kwargs},
-# "requests": [[prompt index, extra_args|null(, cache_salt)], ...],
+# "requests": [[prompt index, extra_args|null(, cache_salt)], ...] (or "phases": [requests, ...]:
+# one generate call each, in order; "logprobs": true: OUT["logprobs"][name], the log-prob of each
+# generated token),
 # "bad_extra_args": {...} (optional: a request that must be refused),
 # "score": [[extra_args|null, cache_salt|null], ...] (optional: teacher-forced log-probs of the
 # first run's continuations, one pass per entry), "singles": true (optional: every request again,
@@ -143,22 +145,31 @@ def run_engines(spec: dict) -> dict:
 
     from vllm import LLM, SamplingParams
 
-    def params(extra_args):
+    def params(extra_args, logprobs=None):
         return SamplingParams(temperature=0.0, max_tokens=spec["max_tokens"], ignore_eos=True,
-                              extra_args=extra_args)
+                              extra_args=extra_args, logprobs=logprobs)
 
     out: dict = {"seconds": {}, "errors": {}, "kv": {}, "scores": {}}
     first: list | None = None  # (prompt token ids, continuation) of the first run
     for run in spec["runs"]:
         t0 = time.time()
         llm = LLM(model=spec["model"], **run["llm"])
-        reqs = run.get("requests") or [[i, None] for i in range(len(spec["prompts"]))]
-        prompts = [{"prompt": spec["prompts"][r[0]], **({"cache_salt": r[2]} if len(r) > 2 else {})}
-                   for r in reqs]
-        res = llm.generate(prompts, [params(r[1]) for r in reqs], use_tqdm=False)
+        phases = run.get("phases") or [
+            run.get("requests") or [[i, None] for i in range(len(spec["prompts"]))]]
+        lp = 0 if run.get("logprobs") else None
+        res = []
+        for reqs in phases:  # one generate call each: a later phase can hit an earlier's blocks
+            prompts = [{"prompt": spec["prompts"][r[0]],
+                        **({"cache_salt": r[2]} if len(r) > 2 else {})} for r in reqs]
+            res += llm.generate(prompts, [params(r[1], lp) for r in reqs], use_tqdm=False)
         out[run["name"]] = [list(r.outputs[0].token_ids) for r in res]
+        if lp is not None:  # log-prob of each sampled token
+            out.setdefault("logprobs", {})[run["name"]] = [
+                [d[t].logprob for d, t in zip(r.outputs[0].logprobs, r.outputs[0].token_ids,
+                                              strict=True)] for r in res]
         if first is None:
             first = [(list(r.prompt_token_ids), list(r.outputs[0].token_ids)) for r in res]
+        reqs = phases[-1]
         if run.get("singles"):
             out[run["name"] + "/single"] = [
                 list(llm.generate([p], params(r[1]), use_tqdm=False)[0].outputs[0].token_ids)
@@ -169,6 +180,8 @@ def run_engines(spec: dict) -> dict:
         out["kv"][run["name"]] = {"blocks": cc.num_gpu_blocks, "block_size": cc.block_size,
                                   "preemptions": _preemptions(llm)}
         out.setdefault("impls", {})[run["name"]] = llm.apply_model(_attention_impls)
+        out.setdefault("procs", {})[run["name"]] = [
+            str(p) for p in llm.llm_engine.vllm_config.model_config.logits_processors or []]
         if run.get("bad_extra_args") is not None:
             try:
                 llm.generate(spec["prompts"][:1], params(run["bad_extra_args"]), use_tqdm=False)

@@ -157,16 +157,22 @@ def attention(
                                       block_size=block_size, sm_scale=sm_scale)
 
 
-def _exact_attention(q, k, v, causal: bool, sm_scale: float | None) -> torch.Tensor:
-    """fp32 SDPA with the bottom-right causal mask (budget 1 on the PyTorch path)."""
+def _exact_attention(q, k, v, causal: bool, sm_scale: float | None,
+                     acc_dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """SDPA in ``acc_dtype`` with the bottom-right causal mask (budget 1 on the PyTorch path),
+    returned in ``q``'s dtype. float64 by default: SDPA's summation order depends on how many
+    queries share the call, and fp32 sums rounded to fp16/bf16 differ in the last bit between
+    a decode token and the same token inside a prefill chunk (vLLM's CPU path: preemption and
+    chunking changed budget-1 log-probs by up to 0.05 nats); float64 sums round to the same
+    16-bit value."""
     Sq, Skv = q.shape[2], k.shape[2]
     group = q.shape[1] // k.shape[1]
-    kf = k.float().repeat_interleave(group, dim=1)
-    vf = v.float().repeat_interleave(group, dim=1)
+    kf = k.to(acc_dtype).repeat_interleave(group, dim=1)
+    vf = v.to(acc_dtype).repeat_interleave(group, dim=1)
     mask = None
     if causal:
         pos = torch.arange(Sq, device=q.device)[:, None] + (Skv - Sq)
         mask = torch.arange(Skv, device=q.device)[None, :] <= pos
-    out = torch.nn.functional.scaled_dot_product_attention(q.float(), kf, vf, attn_mask=mask,
-                                                           scale=sm_scale)
+    out = torch.nn.functional.scaled_dot_product_attention(q.to(acc_dtype), kf, vf,
+                                                           attn_mask=mask, scale=sm_scale)
     return out.to(q.dtype)

@@ -322,6 +322,8 @@ def paged_attention(
             continue
         k16, v16, k_sel = k16[None], v16[None], k_sel[None]
         if budget == 1.0:
+            # float64 (its default): the same bits whether the query decodes alone or sits in
+            # a prefill chunk, so preemption and chunking do not change budget-1 outputs
             out = _exact_attention(q, k16, v16, True, scale)
         else:
             sel = select_blocks_reference(

@@ -186,6 +186,43 @@ def cpu_platform_cls() -> type:
     return CpuPlatform
 
 
+def install_budget_hooks(after_config, around_request) -> bool:
+    """Wrap, once per process, the current platform's ``check_and_update_config`` (the last
+    step of building a ``VllmConfig``: ``after_config(vllm_config)`` runs after it) and
+    ``InputProcessor.process_inputs`` (the front end's request admission, 0.26 and 0.32+:
+    ``around_request(processor, params, call)`` returns ``call()``'s request). Both callbacks
+    must leave engines that do not use this backend alone. Returns whether hooks were
+    installed now."""
+    from vllm.platforms import current_platform
+    from vllm.v1.engine.input_processor import InputProcessor
+
+    platform = type(current_platform)
+    installed = False
+    original = platform.check_and_update_config
+    if not getattr(original, _SPEC_HOOK_MARK, False):
+        original_func = original.__func__
+
+        def check_and_update_config(cls, vllm_config) -> None:
+            original_func(cls, vllm_config)
+            after_config(vllm_config)
+
+        setattr(check_and_update_config, _SPEC_HOOK_MARK, True)
+        check_and_update_config.__wrapped__ = original_func
+        platform.check_and_update_config = classmethod(check_and_update_config)
+        installed = True
+    process = InputProcessor.process_inputs
+    if not getattr(process, _SPEC_HOOK_MARK, False):
+        def process_inputs(self, request_id, prompt, params, *args, **kwargs):
+            return around_request(self, params, lambda: process(self, request_id, prompt,
+                                                                params, *args, **kwargs))
+
+        setattr(process_inputs, _SPEC_HOOK_MARK, True)
+        process_inputs.__wrapped__ = process
+        InputProcessor.process_inputs = process_inputs
+        installed = True
+    return installed
+
+
 def logits_processor_api() -> tuple[type, type]:
     """``(LogitsProcessor, MoveDirectionality)`` of vLLM's V1 sampler."""
     from vllm.v1.sample.logits_processor import LogitsProcessor, MoveDirectionality
@@ -289,6 +326,7 @@ __all__ = [
     "get_current_vllm_config_or_none",
     "get_logger",
     "init_logger",
+    "install_budget_hooks",
     "install_spec_hook_026",
     "logits_processor_api",
     "logits_processor_api_v2",

@@ -79,6 +79,10 @@ class ThriftBackendConfig:
     --full-decode-graphs``: greedy, teacher-forced, prefix hits, preemption; BENCHMARKS.md) and
     decodes up to 3.8x faster than piecewise at 16 x 8K; ``false``: vLLM captures the model
     piecewise and runs attention eagerly between the pieces."""
+    budget_cache_salt: bool = True
+    """Fold each request's budget into its prefix-cache salt (``budget_route``): blocks written
+    at one budget are never read at another. ``false`` shares them (a warning at start when
+    prefix caching is on); ``thrift-vllm serve --no-budget-cache-salt`` sets it."""
 
     prefill: str = "auto"
     """Prefill (query chunks longer than one token) route: ``flash`` computes the prompt's
@@ -116,8 +120,9 @@ class ThriftBackendConfig:
         if self.prefill == "flash" and self.bulk_math != "bf16":
             raise ValueError(f"bulk_math {self.bulk_math!r} has no effect with prefill 'flash' "
                              "(exact attention, no FP4 blocks): use prefill 'thrift' or 'auto'")
-        if not isinstance(self.cuda_graphs, bool):
-            raise ValueError(f"cuda_graphs must be true or false, got {self.cuda_graphs!r}")
+        for name in ("cuda_graphs", "budget_cache_salt"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
 
     def uses_triton(self, device_type: str) -> bool:
         """The Triton kernels run for impl "triton", or "auto" on a CUDA device."""
@@ -254,7 +259,8 @@ def _env_values(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
         raw = environ.get(ENV_PREFIX + f.name.upper())
         if raw is None or raw == "":
             continue
-        convert = {"fp16_budget": float, "block_size": int, "cuda_graphs": boolean}.get(f.name, str)
+        convert = {"fp16_budget": float, "block_size": int, "cuda_graphs": boolean,
+                   "budget_cache_salt": boolean}.get(f.name, str)
         try:
             out[f.name] = convert(raw)
         except ValueError:

@@ -15,7 +15,10 @@ one process, so it is idempotent. It
    ``attention_backend="CUSTOM"`` vLLM behaves exactly as before;
 3. on vLLM 0.26 only (no ``customize_spec`` there), wraps ``Attention.get_kv_cache_spec`` so
    that layers running this backend get pages of the layout's real bytes
-   (``compat.install_spec_hook_026``); other layers and backends are untouched.
+   (``compat.install_spec_hook_026``); other layers and backends are untouched;
+4. installs the per-request budget hooks (``budget_route``): an engine whose config selects
+   this backend gets the budget logits processor and per-budget prefix-cache salts with no
+   extra flag; other engines are untouched.
 """
 
 from __future__ import annotations
@@ -45,6 +48,9 @@ def register() -> None:
     _route_custom_on_cpu()
     if compat.LEGACY_026:
         compat.install_spec_hook_026(BACKEND_QUALNAME, _bytes_per_head_token)
+    from thrift_vllm.backend import budget_route
+
+    compat.install_budget_hooks(budget_route.prepare_config, budget_route.route_request)
 
 
 def _bytes_per_head_token(kv_cache_dtype: str, head_size: int, dtype) -> int:

@@ -2,9 +2,9 @@
 ``"vllm_xargs": {"fp16_budget": 0.1}`` in the request body).
 
 No sampling parameter reaches vLLM's attention metadata builder, so a pass-through logits
-processor carries it: ``FP16BudgetLogitsProcessor`` (enable with
-``LLM(..., logits_processors=[FP16BudgetLogitsProcessor])`` or ``--logits-processors
-thrift_vllm.backend.request_budget:FP16BudgetLogitsProcessor``) never changes logits; it
+processor carries it: ``FP16BudgetLogitsProcessor`` (added by ``budget_route`` to every engine
+that selects the thrift backend, and to no other; listing it in ``logits_processors`` /
+``--logits-processors`` by hand still works) never changes logits; it
 
 - validates ``extra_args["fp16_budget"]`` at admission (``validate_params``: a bad value is a
   ``ValueError`` for ``LLM.generate`` and an HTTP 400 online), and
@@ -27,9 +27,7 @@ unaffected: every rank of the last stage samples).
 Prefix caching: the budget changes the stored K/V of every layer after the first (their inputs
 are earlier layers' attention outputs), so requests with different budgets must not share
 prefix-cache blocks. vLLM keys blocks by tokens and ``cache_salt`` only, and a logits processor
-cannot set the salt, so the client must: give each budget its own ``cache_salt`` (e.g.
-``{"prompt": ..., "cache_salt": "fp16_budget=0.1"}``), or run with
-``enable_prefix_caching=False``. The server milestone's middleware should add it.
+cannot set the salt: ``budget_route`` folds each request's budget into its salt at admission.
 """
 
 from __future__ import annotations

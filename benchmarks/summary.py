@@ -3,7 +3,8 @@
     python benchmarks/summary.py benchmarks/results/h200_fifth_pass.json [...]
 
 Each input is a session file as the device passes write them (``{"meta": {"commit", "device",
-"date"}, "<call>": <a benchmark's JSON>, ...}``); every figure is taken from rows of one
+"date", "summary_skip": [calls that are comparisons, not the defaults]}, "<call>": <a
+benchmark's JSON>, ...}``); every figure is taken from rows of one
 session, ours next to the peer's (measured side by side, as BENCHMARKS.md requires), and
 replaces an older figure of the same name. Entries: ``{"name", "value", "unit", "peer",
 "peer_value", "ratio", "commit", "device", "date", "command"}``, ``ratio`` = ours / peer for
@@ -62,7 +63,9 @@ def figures(session: dict, defaults: dict | None = None) -> list[dict]:
     ``defaults``: commit / device / date where the session's meta lacks them."""
     meta = {**(defaults or {}), **{k: v for k, v in session.get("meta", {}).items() if v}}
     stamp = {k: meta.get(k) for k in ("commit", "device", "date")}
-    runs = [v for k, v in session.items() if k != "meta" and isinstance(v, dict)]
+    skip = set(meta.get("summary_skip", []))  # comparison runs (e.g. a non-default route)
+    runs = [v for k, v in session.items() if k != "meta" and k not in skip
+            and isinstance(v, dict)]
     out = []
 
     def add(name, value, unit, peer, peer_value, lower_better, command):

@@ -60,6 +60,9 @@ def test_figures_ratios_and_merge(summary, tmp_path):
     merged = summary.merge([old], [f])
     assert merged == [f]
     assert summary.merge([f], [old]) == [f]  # an older figure never replaces a newer one
+    session["meta"]["summary_skip"] = ["c2"]  # a comparison run: no figures from it
+    assert "engine.decode.16x32k" not in {f["name"] for f in summary.figures(session)}
+    del session["meta"]["summary_skip"]
     path = tmp_path / "s.json"
     path.write_text(json.dumps(session))
     assert summary.main([str(path), "--out", str(tmp_path / "out.json")]) == 0

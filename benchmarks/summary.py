@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -69,8 +70,9 @@ def figures(session: dict, defaults: dict | None = None) -> list[dict]:
     out = []
 
     def add(name, value, unit, peer, peer_value, lower_better, command):
-        if value is None or peer_value is None or not value or not peer_value:
-            return
+        if not all(isinstance(x, (int, float)) and math.isfinite(x) and x
+                   for x in (value, peer_value)):
+            return  # missing, zero or NaN (e.g. no steady state: requests never all decoded)
         ratio = peer_value / value if lower_better else value / peer_value
         out.append({"name": name, "value": value, "unit": unit, "peer": peer,
                      "peer_value": peer_value, "ratio": round(ratio, 3), **stamp,

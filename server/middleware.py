@@ -66,6 +66,8 @@ MAX_BODY_BYTES = 64 * 1024 * 1024
 REQUEST_ID = b"x-request-id"
 APPLIED_DISPLAY = "X-FP16-Budget-Applied"
 _APPLIED = B.APPLIED_HEADER.encode()
+EFFECT_DISPLAY = "X-FP16-Budget-Effect"  # "none": see /v1/thrift/config backend.fp16_budget_effect
+_EFFECT = EFFECT_DISPLAY.lower().encode()
 _EXPOSE = b"access-control-expose-headers"
 # Settings not shown by GET /v1/thrift/config (the keys above all).
 _PRIVATE = ("budget", "api_keys", "cache_salt", "cors", "request_id_headers")
@@ -100,10 +102,12 @@ def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> list[bytes]:
     return [v for k, v in headers if k.lower() == name]
 
 
-def _json_app(status: int, payload: dict, applied: str):
+def _json_app(status: int, payload: dict, applied: str, no_effect: bool = False):
     body = json.dumps(payload).encode("utf-8")
     headers = [(b"content-type", b"application/json"),
                (b"content-length", str(len(body)).encode()), (_APPLIED, applied.encode())]
+    if no_effect:
+        headers.append((_EFFECT, b"none"))
 
     async def app(scope, receive, send) -> None:
         await send({"type": "http.response.start", "status": status, "headers": headers})
@@ -126,9 +130,12 @@ class ThriftServerMiddleware:
         cors = s.get("cors") or {}
         # CORS is on when origins are allowed (vLLM always adds its CORS middleware; with no
         # origin it refuses every cross-origin request, so there is nothing to mirror).
-        self.cors = dict(cors, expose_headers=[APPLIED_DISPLAY]) \
+        self.cors = dict(cors, expose_headers=[APPLIED_DISPLAY, EFFECT_DISPLAY]) \
             if cors.get("allow_origins") else None
         self.request_ids = bool(s.get("request_id_headers", False))
+        # The engine's routes make budgets meaningless (nvfp4 layout, fp16 decode, flash
+        # prefill: config.budget_effect): every response says so, next to the applied value.
+        self.no_effect = (s.get("backend") or {}).get("fp16_budget_has_effect") is False
         self.public_config = {
             "fp16_budget_default": self.budget.default,
             "fp16_budget_max": self.budget.cap,
@@ -174,7 +181,8 @@ class ThriftServerMiddleware:
 
     async def _send_json(self, scope, receive, send, status: int, payload: dict,
                          applied: str) -> None:
-        await self._wrap_own(_json_app(status, payload, applied), scope)(scope, receive, send)
+        await self._wrap_own(_json_app(status, payload, applied, self.no_effect), scope)(
+            scope, receive, send)
 
     async def _error(self, scope, receive, send, status: int, e: B.BudgetError | str,
                      reason: str | None = None, **kw) -> None:
@@ -221,7 +229,7 @@ class ThriftServerMiddleware:
             await self._budget_request(scope, receive, send, headers, BUDGET_ROUTES.get(path))
             return
 
-        await self.app(scope, receive, _with_header(send, default_text))
+        await self.app(scope, receive, _with_header(send, default_text, self.no_effect))
 
     async def _read_body(self, scope, receive, send, headers) -> bytes | None:
         """The whole request body, or None after answering (413) or a disconnect."""
@@ -316,17 +324,21 @@ class ThriftServerMiddleware:
                 return {"type": "http.request", "body": raw, "more_body": False}
             return await receive()
 
-        await self.app(scope, replay, _with_header(send, B.fmt(res.budget)))
+        await self.app(scope, replay, _with_header(send, B.fmt(res.budget), self.no_effect))
 
 
-def _with_header(send, value: str):
-    """``send`` that sets ``X-FP16-Budget-Applied`` and, on a CORS response, exposes it."""
+def _with_header(send, value: str, no_effect: bool = False):
+    """``send`` that sets ``X-FP16-Budget-Applied`` (and ``X-FP16-Budget-Effect: none`` when
+    the engine's routes make budgets meaningless) and, on a CORS response, exposes it."""
     encoded = value.encode()
 
     async def wrapped(message) -> None:
         if message["type"] == "http.response.start":
-            hs = [(k, v) for k, v in message.get("headers", []) if k.lower() != _APPLIED]
+            hs = [(k, v) for k, v in message.get("headers", [])
+                  if k.lower() not in (_APPLIED, _EFFECT)]
             hs.append((_APPLIED, encoded))
+            if no_effect:
+                hs.append((_EFFECT, b"none"))
             if any(k.lower() == b"access-control-allow-origin" for k, _ in hs):
                 hs = _exposed(hs)
             message = dict(message, headers=hs)
@@ -336,12 +348,13 @@ def _with_header(send, value: str):
 
 
 def _exposed(hs: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
-    name = _APPLIED
     current = [v for k, v in hs if k.lower() == _EXPOSE]
     listed = {x.strip().lower() for v in current for x in v.split(b",")}
-    if name in listed or b"*" in listed:
+    missing = [d.encode() for d in (APPLIED_DISPLAY, EFFECT_DISPLAY)
+               if d.lower().encode() not in listed]
+    if not missing or b"*" in listed:
         return hs
-    merged = b", ".join([*(v for v in current if v.strip()), APPLIED_DISPLAY.encode()])
+    merged = b", ".join([*(v for v in current if v.strip()), *missing])
     return [*((k, v) for k, v in hs if k.lower() != _EXPOSE), (_EXPOSE, merged)]
 
 

@@ -281,3 +281,23 @@ def test_every_engine_route_under_the_budget_policy():
             status, _, out = _run(mw, "POST", path, [AUTH, *headers], body)
             assert status == 400 and len(app.calls) == n
             assert json.loads(out)["error"]["code"] == "fp16_budget_unsupported_route"
+
+
+def test_budget_without_effect_is_said_on_every_response():
+    """Where the engine's routes make budgets meaningless (nvfp4 layout, fp16 decode, flash
+    prefill: backend.fp16_budget_has_effect false), every response says so and the config
+    route explains why; otherwise no such header."""
+    text = "fp16_budget has no effect with the nvfp4 layout, ..."
+    for has_effect in (True, False):
+        s = dict(_settings(), backend={"fp16_budget_has_effect": has_effect,
+                                       "fp16_budget_effect": text})
+        mw = M.ThriftServerMiddleware(FakeApp(cors_header=True), s)
+        body = json.dumps({"model": "m", "prompt": "x", "fp16_budget": 0.3}).encode()
+        _, hdrs, _ = _run(mw, "POST", "/v1/completions", [AUTH, ("Origin", ORIGIN)], body)
+        assert hdrs["x-fp16-budget-applied"] == "0.3"
+        assert hdrs.get("x-fp16-budget-effect") == (None if has_effect else "none")
+        exposed = hdrs["access-control-expose-headers"].lower()
+        assert "x-fp16-budget-effect" in exposed and "x-fp16-budget-applied" in exposed
+        _, hdrs, cfg = _run(mw, "GET", "/v1/thrift/config", [AUTH])
+        assert hdrs.get("x-fp16-budget-effect") == (None if has_effect else "none")
+        assert json.loads(cfg)["backend"]["fp16_budget_effect"] == text

@@ -210,7 +210,6 @@ def test_serve_no_budget_cache_salt_reaches_the_engine(route, monkeypatch):
     from thrift_vllm.server import cli, middleware
 
     monkeypatch.setattr(middleware, "_settings", None)
-    monkeypatch.setenv(middleware.SETTINGS_ENV, "{}")
     args, _ = cli.prepare(["m", "--no-budget-cache-salt"])
     assert args.additional_config["thrift_vllm"]["budget_cache_salt"] is False
     assert middleware.current_settings()["cache_salt"] is False

@@ -31,7 +31,10 @@ import time
 from pathlib import Path
 
 import pytest
-from test_server import KEY, MODEL, Server, _free_port, _vllm_import_error
+from server_process import Server
+from server_process import free_port as _free_port
+from server_process import vllm_import_error as _vllm_import_error
+from test_server import KEY, MODEL
 
 ROOT = Path(__file__).resolve().parents[1]
 AUTH = {"Authorization": f"Bearer {KEY}"}

@@ -280,7 +280,8 @@ def paged_attention(
 
     ``decode_math`` (sequences with one query only; longer ones keep the definition above):
     ``"fp4"`` = that definition (q and P quantised to FP4 on the FP4 units); ``"fp16"`` = FP4
-    as storage (Hopper), :func:`decode_fp16_reference`.
+    as storage (Hopper), :func:`decode_fp16_reference`, except budget 1 in the auto layout,
+    which is the exact path above (every unit reads the model-dtype copy).
     """
     if decode_math not in DECODE_MATHS:
         raise ValueError(f"decode_math must be one of {DECODE_MATHS}, got {decode_math!r}")
@@ -314,7 +315,10 @@ def paged_attention(
             k_sel, k16, v16 = kv["k_hi"], kv["k_hi"], kv["v_hi"]
         q = query[q0:q1].transpose(0, 1)[None]  # [1, Hq, sq, D]
         budget = float(fp16_budgets[i])
-        if sq == 1 and decode_math == "fp16":
+        # fp16 decode math, except budget 1 in the auto layout: every unit reads the model-dtype
+        # copy there, and the exact path below keeps a token's bits the same as a decode and
+        # inside a prefill (the nvfp4 layout has no such copy: its budget changes nothing)
+        if sq == 1 and decode_math == "fp16" and (fresh or budget < 1.0):
             out = decode_fp16_reference(layout, kv, q[0, :, 0], None if key is None else key[q0],
                                         None if value is None else value[q0], budget, scale,
                                         force_sink_recent)

@@ -78,6 +78,18 @@ def budgets_for_slots(slots: list[int], default: float) -> list[float]:
     return [table.get(int(i), default) for i in slots]
 
 
+def step_budgets(num_reqs: int, slots, default: float, per_request: bool) -> list[float]:
+    """Per-sequence FP16 budgets of one step: the request's ``extra_args["fp16_budget"]`` when
+    the budget logits processor is enabled (runner V1: by persistent-batch row; runner V2: by
+    the request slot of each row, ``slots`` = ``CommonAttentionMetadata.req_idx``, None on
+    V1), else ``default``."""
+    if not per_request:
+        return [default] * num_reqs
+    if slots is not None:  # model runner V2 (host array)
+        return budgets_for_slots(list(slots[:num_reqs]), default)
+    return budgets_for_rows(num_reqs, default)
+
+
 def _processor_bases() -> tuple[type, ...]:
     from thrift_vllm.backend.compat import logits_processor_api, logits_processor_api_v2
 

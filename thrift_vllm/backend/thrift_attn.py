@@ -146,16 +146,9 @@ class ThriftAttentionMetadataBuilder(AttentionMetadataBuilder[ThriftAttentionMet
         return AttentionCGSupport.NEVER
 
     def request_budgets(self, common: CommonAttentionMetadata) -> list[float]:
-        """Per-sequence FP16 budget: the request's ``extra_args["fp16_budget"]`` when the
-        budget logits processor is enabled (runner V1: by persistent-batch row; runner V2: by
-        the request slot ``req_idx`` of each row), else the server default."""
-        default = self.config.fp16_budget
-        if not self.per_request:
-            return [default] * common.num_reqs
-        slots = req_idx(common)
-        if slots is not None:  # model runner V2 (host array)
-            return request_budget.budgets_for_slots(list(slots[:common.num_reqs]), default)
-        return request_budget.budgets_for_rows(common.num_reqs, default)
+        """Per-sequence FP16 budgets (``request_budget.step_budgets``)."""
+        return request_budget.step_budgets(common.num_reqs, req_idx(common),
+                                           self.config.fp16_budget, self.per_request)
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> ThriftAttentionMetadata:

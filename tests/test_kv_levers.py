@@ -8,7 +8,8 @@ import math
 
 import pytest
 import torch
-from thrift_vllm import kv_levers as L
+
+from thrift_vllm import kv_levers as L  # noqa: N812
 from thrift_vllm.formats import dequantize, quantize
 
 
@@ -54,7 +55,7 @@ def test_store_kv_against_manual_construction(fmt):
     torch.manual_seed(2)
     k = torch.randn(1, 2, 45, 64, dtype=torch.float16) + 3 * torch.randn(64).half()
     v = torch.randn(1, 2, 45, 64, dtype=torch.float16)
-    deq = lambda x: dequantize(quantize(x, fmt, -1), torch.float32)  # noqa: E731
+    deq = lambda x: dequantize(quantize(x, fmt, -1), torch.float32)
     h = _kron_hadamard(64)
     kf, vf = k.float(), v.float()
     m = kf[..., :64, :].mean(-2, keepdim=True)  # 45 < 64: the first unit is the whole sequence

@@ -8,8 +8,9 @@ import re
 
 import pytest
 import torch
+
 from thrift_vllm.quality import model as qmodel
-from thrift_vllm.quality import real_model as R
+from thrift_vllm.quality import real_model as R  # noqa: N812
 
 TINY = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
             num_key_value_heads=1, head_dim=64)
@@ -75,3 +76,25 @@ def test_scoring_paths_agree_where_they_must(tiny):
     assert abs(res["store/nvfp4"][0] - res["fp16"][0]) > 4e-3  # FP4 storage: 15x the rounding
     assert res["store-auto/nvfp4/quest/0%"] == res["store/nvfp4"]  # budget 0 = all FP4 storage
     assert res["store/nvfp4/hadamard"][0] != res["store/nvfp4"][0]
+
+
+@pytest.mark.parametrize("method,budget,sel,S", [("fp4", 0.0, "block_mean", 300),
+                                                 ("thrift", 0.1, "block_mean", 333),
+                                                 ("thrift", 0.3, "quest", 256)])
+def test_operator_causal_chunks_equals_the_operator(method, budget, sel, S):
+    import thrift_vllm
+    from thrift_vllm.quality.methods import MethodConfig
+
+    torch.manual_seed(S)
+    q = torch.randn(1, 4, S, 64, dtype=torch.bfloat16)
+    k = torch.randn(1, 2, S, 64, dtype=torch.bfloat16) + torch.randn(64).bfloat16()
+    v = torch.randn(1, 2, S, 64, dtype=torch.bfloat16)
+    cfg = MethodConfig(method, "nvfp4", budget, sel)
+    ref = thrift_vllm.attention(q, k, v, causal=True, impl="torch", sm_scale=0.2,
+                                **{k_: v_ for k_, v_ in cfg.operator_kwargs().items()
+                                   if k_ != "bulk_math"})
+    out = R.operator_causal_chunks(q, k, v, cfg, 0.2, chunk=128)
+    torch.testing.assert_close(out.float(), ref.float(), atol=1e-2, rtol=1e-2)
+    assert (out.float() - ref.float()).abs().max() < 1e-2
+    with pytest.raises(ValueError, match="100"):
+        R.operator_causal_chunks(q, k, v, cfg, 0.2, chunk=100)

@@ -105,6 +105,9 @@ def _store_forward(module, query, key, value, attention_mask, scaling=None, drop
         return harness.thrift_attention_forward(module, query, key, value, attention_mask,
                                                 scaling, dropout, **kwargs)
     st = _STORE
+    if "operator" in st:
+        out = operator_causal_chunks(query, key, value, st["operator"], scaling)
+        return out.transpose(1, 2).contiguous(), None
     k_lo, v_lo = kv_levers.store_kv(key, value, st["fmt"], st["smooth"], st["rotate"])
     if st["budget"] <= 0:
         out = kv_levers.storage_attention(query, k_lo, v_lo, scaling)
@@ -115,6 +118,31 @@ def _store_forward(module, query, key, value, attention_mask, scaling=None, drop
                                       selection=st["selection"], block_size=64, causal=True)
         out = kv_levers.mixed_attention(query, key, value, k_lo, v_lo, sel, 64, scaling)
     return out.to(query.dtype).transpose(1, 2).contiguous(), None
+
+
+def operator_causal_chunks(q, k, v, cfg: MethodConfig, scale=None, chunk: int = 256):
+    """``thrift_vllm.attention(impl="torch")`` of a square causal prefill, computed per chunk
+    of ``chunk`` query rows against only the keys they can see (the reference itself scores
+    every key of every row): ~2x less work on CPU, the same numerics (FP4 groups of V along
+    tokens and of P inside tiles are aligned to token 0, so truncating at a multiple of the
+    block size changes no group). q ``[B, Hq, S, D]``, k/v ``[B, Hkv, S, D]``, fp16/bf16."""
+    from thrift_vllm.reference import thrift_attention_reference
+    from thrift_vllm.selection import select_blocks_reference
+
+    bs = cfg.block_size
+    if chunk % bs:
+        raise ValueError(f"chunk {chunk} must be a multiple of the block size {bs}")
+    f = cfg.budget
+    sel = select_blocks_reference(q, k, fp16_budget=f, selection=cfg.selection, block_size=bs,
+                                  causal=True, force_sink_recent=cfg.force_sink_recent)
+    S = q.shape[2]
+    outs = []
+    for r0 in range(0, S, chunk):
+        r1 = min(r0 + chunk, S)
+        outs.append(thrift_attention_reference(
+            q[:, :, r0:r1], k[:, :, :r1], v[:, :, :r1], sel[:, :, r0 // bs:-(-r1 // bs)],
+            causal=True, quant_format=cfg.quant_format, block_size=bs, sm_scale=scale))
+    return torch.cat(outs, 2)
 
 
 def load_model(model_dir: str, device: str = "cpu", dtype: torch.dtype = torch.bfloat16):
@@ -184,6 +212,12 @@ def score(model, kind: str, cfg, sample: dict) -> tuple[float, float]:
                 h = model.model(input_ids=x, use_cache=False).last_hidden_state[0]
             finally:
                 _STORE.clear()
+        elif cfg.method != "fp16" and not x.is_cuda:  # CPU: the reference, causal key ranges
+            _STORE.update(operator=cfg)
+            try:
+                h = model.model(input_ids=x, use_cache=False).last_hidden_state[0]
+            finally:
+                _STORE.clear()
         else:
             with harness.use_method(cfg, "auto"):
                 h = model.model(input_ids=x, use_cache=False).last_hidden_state[0]
@@ -216,12 +250,14 @@ def run(model_dir: str, lengths: list[int], samples: int, methods: list[str], ou
     model = load_model(model_dir, device)
     doc.update(model=os.path.abspath(model_dir), samples=samples, device=device,
                torch=torch.__version__, text=desc, results=doc.get("results", {}))
-    for L in lengths:
+    for L in lengths:  # sample-major: a run cut short leaves paired samples across methods
         data = make_samples(tok, stream, L, samples)
-        for m in methods:
-            res = doc["results"].setdefault(str(L), {}).setdefault(m, {"nll": [], "acc": []})
-            kind, cfg = parsed[m]
-            while len(res["nll"]) < samples:
+        for i in range(samples):
+            for m in methods:
+                res = doc["results"].setdefault(str(L), {}).setdefault(m, {"nll": [], "acc": []})
+                kind, cfg = parsed[m]
+                if len(res["nll"]) != i:
+                    continue
                 if max_minutes is not None and time.time() - t0 > max_minutes * 60:
                     print(f"[real_model] stopped after --max-minutes ({path})")
                     return doc

@@ -69,6 +69,14 @@ def test_store_kv_against_manual_construction(fmt):
         k_hat, v_hat = L.store_kv(k, v, fmt, smooth, rot)
         torch.testing.assert_close(k_hat, k_ref, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(v_hat, v_ref, atol=1e-5, rtol=1e-5)
+    # the auto layout's V: groups of tokens (axis -2), before and after the rotation
+    deq_t = lambda x: dequantize(quantize(x, fmt, -2), torch.float32)
+    torch.testing.assert_close(L.store_kv(k, v, fmt, v_axis="tokens")[1], deq_t(vf),
+                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(L.store_kv(k, v, fmt, rotate=True, v_axis="tokens")[1],
+                               deq_t(vf @ h) @ h.T, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="channels"):
+        L.store_kv(k, v, fmt, v_axis="channels")
 
 
 def test_smoothing_reduces_storage_error_on_offset_channels():

@@ -35,6 +35,8 @@ def test_parse_method_names():
     assert R.parse_method("fp16-kv4/nvfp4")[1].budget == 1.0
     assert R.parse_method("store/mxfp4/smooth-first+hadamard") == (
         "store", dict(fmt="mxfp4", budget=0.0, smooth="first", rotate=True))
+    assert R.parse_method("store/nvfp4/vtok+hadamard")[1] == dict(
+        fmt="nvfp4", budget=0.0, smooth="none", rotate=True, v_axis="tokens")
     assert R.parse_method("store-auto/nvfp4/block_mean/10%/smooth-unit")[1] == dict(
         fmt="nvfp4", selection="block_mean", budget=0.1, smooth="unit", rotate=False)
     for bad in ("fp8", "thrift/nvfp4/block_mean/5", "store/nvfp4/smooth-mode",

@@ -72,20 +72,26 @@ def k_mean(k: torch.Tensor, smooth: str, unit: int = 64) -> torch.Tensor | None:
 
 
 def store_kv(k: torch.Tensor, v: torch.Tensor, quant_format: str = "nvfp4",
-             smooth: str = "none", rotate: bool = False, unit: int = 64):
+             smooth: str = "none", rotate: bool = False, unit: int = 64,
+             v_axis: str = "head_dim"):
     """What a reader of FP4 pages sees, in the original basis (fp32, shapes of k ``[..., S, D]``
-    and v): K quantised per token along head_dim after smoothing / rotation, V after rotation;
-    see the module docstring for why these reconstructions give the readers' scores/outputs."""
+    and v): K quantised per token along head_dim after smoothing / rotation, V after rotation,
+    along head_dim (the nvfp4 layout) or along tokens (``v_axis="tokens"``: groups of tokens
+    aligned to token 0, the auto layout's ``v4``); see the module docstring for why these
+    reconstructions give the readers' scores/outputs."""
+    if v_axis not in ("head_dim", "tokens"):
+        raise ValueError(f"v_axis must be 'head_dim' or 'tokens', got {v_axis!r}")
+    vax = -1 if v_axis == "head_dim" else -2
     m = k_mean(k, smooth, unit)
     kf, vf = k.float(), v.float()
     ks = kf if m is None else kf - m
     if rotate:
         h = hadamard(k.shape[-1], k.device)
         k_hat = fake_quantize(ks @ h, quant_format, -1) @ h.T
-        v_hat = fake_quantize(vf @ h, quant_format, -1) @ h.T
+        v_hat = fake_quantize(vf @ h, quant_format, vax) @ h.T
     else:
         k_hat = fake_quantize(ks, quant_format, -1)
-        v_hat = fake_quantize(vf, quant_format, -1)
+        v_hat = fake_quantize(vf, quant_format, vax)
     return (k_hat if m is None else k_hat + m), v_hat
 
 

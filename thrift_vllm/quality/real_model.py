@@ -24,7 +24,8 @@ Methods (names):
   query; the needle is in step 1, so it is seen only through FP4 storage).
 * ``store/F[/LEVERS]``: FP4 storage with full-precision math (``kv_levers``): every K/V, the
   query's own included, read back from FP4 (decode semantics: written, then read); LEVERS =
-  ``smooth-first``, ``smooth-head``, ``smooth-unit``, ``hadamard`` joined by ``+``.
+  ``smooth-first``, ``smooth-head``, ``smooth-unit``, ``hadamard``, ``vtok`` (V quantised along
+  tokens, the auto layout's ``v4``; default along head_dim, the nvfp4 layout's) joined by ``+``.
 * ``store-auto/F/SEL/B%[/LEVERS]``: the ``auto`` layout with that math: the selected blocks (from
   the model-dtype keys, the auto layout's summaries) read model-dtype K/V, the rest FP4 storage.
 """
@@ -93,6 +94,8 @@ def _levers(parts: list[str]) -> dict:
             out["smooth"] = lev[7:]
         elif lev == "hadamard":
             out["rotate"] = True
+        elif lev == "vtok":  # V quantised along tokens, as the auto layout stores it
+            out["v_axis"] = "tokens"
         else:
             raise KeyError(lev)
     return out
@@ -108,7 +111,8 @@ def _store_forward(module, query, key, value, attention_mask, scaling=None, drop
     if "operator" in st:
         out = operator_causal_chunks(query, key, value, st["operator"], scaling)
         return out.transpose(1, 2).contiguous(), None
-    k_lo, v_lo = kv_levers.store_kv(key, value, st["fmt"], st["smooth"], st["rotate"])
+    k_lo, v_lo = kv_levers.store_kv(key, value, st["fmt"], st["smooth"], st["rotate"],
+                                    v_axis=st.get("v_axis", "head_dim"))
     if st["budget"] <= 0:
         out = kv_levers.storage_attention(query, k_lo, v_lo, scaling)
     else:

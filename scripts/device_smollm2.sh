@@ -22,7 +22,7 @@ grid() {
     m+=",thrift/nvfp4/quest/5%,thrift/nvfp4/local/5%,fp4-kv4/nvfp4,fp16-kv4/nvfp4"
     m+=",thrift-kv4/nvfp4/block_mean/5%,store/nvfp4,store/nvfp4/smooth-first"
     m+=",store/nvfp4/hadamard,store/nvfp4/smooth-first+hadamard,store-auto/nvfp4/block_mean/5%"
-    echo "--lengths 8192,4096 --samples 64 --methods $m --max-minutes 8"
+    echo "--lengths 8192,4096 --samples 48 --text pydoc+docstrings --methods $m --max-minutes 8"
 }
 
 evaluate() {

@@ -61,6 +61,8 @@ def test_samples_layout(tiny):
         assert f"pass key is {s['key']}" in text  # the needle lies before the scored half
         assert s["key"] not in tok.decode(ids[a:b])
     assert len({s["key"] for s in samples}) == 6
+    with pytest.raises(ValueError, match="novels"):
+        R.text_ids(tok, "novels")
     assert R.make_samples(tok, stream, 301, 6)[3]["ids"] == samples[3]["ids"]  # deterministic
 
 

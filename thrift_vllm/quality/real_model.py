@@ -164,17 +164,56 @@ def load_model(model_dir: str, device: str = "cpu", dtype: torch.dtype = torch.b
 
 # ---------------------------------------------------------------------------------- data
 
-def text_ids(tok) -> tuple[np.ndarray, dict]:
-    """Token ids of the reference manual text (``pydoc_data.topics``) and its description."""
+TEXTS = ("pydoc", "pydoc+docstrings")
+
+
+def _docstrings(max_chars: int) -> str:
+    """Docstrings (>= 300 chars) of the standard library's modules, classes and functions, in
+    sorted file order (test packages and site-packages skipped), up to ``max_chars``."""
+    import ast
+    import sysconfig
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    out, n = [], 0
+    for f in sorted(root.rglob("*.py")):
+        rel = f.relative_to(root).parts
+        if any(p in ("test", "tests", "site-packages", "idle_test", "lib2to3") for p in rel):
+            continue
+        try:
+            tree = ast.parse(f.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef,
+                                 ast.AsyncFunctionDef)):
+                d = ast.get_docstring(node)
+                if d and len(d) >= 300:
+                    out.append(d)
+                    n += len(d) + 2
+                    if n >= max_chars:
+                        return "\n\n".join(out)
+    return "\n\n".join(out)
+
+
+def text_ids(tok, text: str = "pydoc") -> tuple[np.ndarray, dict]:
+    """Token ids of the evaluation text and its description. ``"pydoc"``: the reference manual
+    (``pydoc_data.topics``, every topic in key order, ~113K SmolLM2 tokens: 16 windows of 4K
+    do not overlap); ``"pydoc+docstrings"`` appends long docstrings of the standard library
+    (``_docstrings``: ~1.1M characters, ~400K tokens in all on 3.11) for 8K windows."""
     import hashlib
     import sys
     from pydoc_data import topics
 
-    text = "\n\n".join(topics.topics[k] for k in sorted(topics.topics))
-    ids = np.asarray(tok(text).input_ids, dtype=np.int64)
-    return ids, {"source": "pydoc_data/topics.py (Python reference manual)",
-                 "python": sys.version.split()[0], "chars": len(text), "tokens": int(ids.size),
-                 "sha256": hashlib.sha256(text.encode()).hexdigest()}
+    if text not in TEXTS:
+        raise ValueError(f"text must be one of {TEXTS}, got {text!r}")
+    body = "\n\n".join(topics.topics[k] for k in sorted(topics.topics))
+    if text == "pydoc+docstrings":
+        body += "\n\n" + _docstrings(3_000_000)
+    ids = np.asarray(tok(body).input_ids, dtype=np.int64)
+    return ids, {"source": {"pydoc": "pydoc_data/topics.py (Python reference manual)",
+                            "pydoc+docstrings": "pydoc_data/topics.py + stdlib docstrings"}[text],
+                 "python": sys.version.split()[0], "chars": len(body), "tokens": int(ids.size),
+                 "sha256": hashlib.sha256(body.encode()).hexdigest()}
 
 
 def make_samples(tok, stream: np.ndarray, length: int, n: int, seed: int = 17) -> list[dict]:
@@ -237,7 +276,8 @@ def score(model, kind: str, cfg, sample: dict) -> tuple[float, float]:
 # ---------------------------------------------------------------------------------- main
 
 def run(model_dir: str, lengths: list[int], samples: int, methods: list[str], out_dir: str,
-        max_minutes: float | None = None, device: str | None = None) -> dict:
+        max_minutes: float | None = None, device: str | None = None,
+        text: str = "pydoc") -> dict:
     from transformers import AutoTokenizer
 
     t0 = time.time()
@@ -250,7 +290,9 @@ def run(model_dir: str, lengths: list[int], samples: int, methods: list[str], ou
     if doc and (doc.get("samples") != samples or doc.get("model") != os.path.abspath(model_dir)):
         raise ValueError(f"{path} is from another model or sample count: use another --out")
     tok = AutoTokenizer.from_pretrained(model_dir)
-    stream, desc = text_ids(tok)
+    stream, desc = text_ids(tok, text)
+    if doc.get("text") and doc["text"]["sha256"] != desc["sha256"]:
+        raise ValueError(f"{path} was made on another text: use another --out")
     model = load_model(model_dir, device)
     doc.update(model=os.path.abspath(model_dir), samples=samples, device=device,
                torch=torch.__version__, text=desc, results=doc.get("results", {}))
@@ -289,10 +331,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-minutes", type=float, default=None)
     p.add_argument("--device", default=None)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--text", choices=TEXTS, default="pydoc")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     run(a.model, [int(x) for x in a.lengths.split(",")], a.samples, a.methods.split(","),
-        a.out, a.max_minutes, a.device)
+        a.out, a.max_minutes, a.device, a.text)
 
 
 if __name__ == "__main__":

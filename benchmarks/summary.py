@@ -113,11 +113,15 @@ def figures(session: dict, defaults: dict | None = None) -> list[dict]:
         if mine and theirs:
             add(name, mine["total_ms"], "ms", "FA3 paged decode (bf16)", theirs["total_ms"], True,
                 _command(run_m, "bench_paged_math.py"))
-    for run in runs:  # quality figures carry their own names
-        for f in run.get("figures", []):
+    for run in [session, *runs]:  # quality figures carry their own names (list or by name)
+        quality = run.get("figures") or []
+        if isinstance(quality, dict):
+            quality = [{"name": k, **v} for k, v in quality.items()]
+        for f in quality:
             if f.get("name", "").startswith("quality."):
-                out.append({**{"unit": None, "peer": None, "peer_value": None, "ratio": None},
-                            **stamp, **f})
+                out.append({"unit": "fraction", "peer": None, "peer_value": None, "ratio": None,
+                            **stamp, **{k: f[k] for k in ("name", "value", "commit", "device",
+                                                          "date", "command") if k in f}})
     return out
 
 

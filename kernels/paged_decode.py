@@ -40,34 +40,59 @@ def _page(Cache, BT, b, j, kvh, stride_btb, stride_cb, stride_ch, NU: tl.constex
 
 
 @triton.jit
-def _paged_fp4_load(
-    page, u0, n_valid, U: tl.constexpr, P: tl.constexpr, D: tl.constexpr, G: tl.constexpr,
-    AUTO: tl.constexpr, MASKED: tl.constexpr,
+def _tile_bytes(
+    Cache, BT, b, kvh, start, n_valid, seq_len, stride_btb, stride_cb, stride_ch,
+    T: tl.constexpr, P: tl.constexpr, D: tl.constexpr, G: tl.constexpr, AUTO: tl.constexpr,
+    MASKED: tl.constexpr, SAME_PAGE: tl.constexpr,
     OFF_K4: tl.constexpr, OFF_K4S: tl.constexpr, OFF_V4: tl.constexpr, OFF_V4S: tl.constexpr,
 ):
-    """Raw bytes of one FP4 unit (page rows u0..u0+U-1, the first ``n_valid`` of them in the
-    sequence): K codes [U, D/2] + scales [U, D/G]; V codes + scales [D, U/2] + [D, U/G] along
-    tokens (auto layout) or [U, D/2] + [U, D/G] per token (nvfp4 layout). MASKED: bytes and
-    groups starting at or past ``n_valid`` read as zeros. (Loading unit j+1 here before unit j's
-    math was measured on the H200, commit 8065f9f: slower everywhere, the extra live registers
-    cost more occupancy than the latency it hid.)"""
-    rows = u0 + tl.arange(0, U)
-    rmask = (tl.arange(0, U) < n_valid)[:, None]
+    """Raw bytes of T tokens from position ``start`` (a multiple of U; the first ``n_valid``
+    are read, the rest are zeros when MASKED): K [T, D/2] + [T, D/G]; V [D, T/2] + [D, T/G]
+    along tokens (auto) or [T, D/2] + [T, D/G] (nvfp4). SAME_PAGE: the T tokens lie in one page
+    (P % T == 0 and tiles aligned to T), one block-table read; else one per row / column,
+    masked at ``seq_len`` (the table may end inside the tile). Shared by both decode kernels.
+    (Loading unit j+1 before unit j's math was measured on the H200, commit 8065f9f: slower
+    everywhere in the FP4 kernel, the extra live registers cost more occupancy than the latency
+    it hid.)"""
+    t = tl.arange(0, T)
+    rmask = (t < n_valid)[:, None]
     cb = tl.arange(0, D // 2)
     cs = tl.arange(0, D // G)
-    pk = page + OFF_K4 + rows[:, None] * (D // 2) + cb[None, :]
-    psk = page + OFF_K4S + rows[:, None] * (D // G) + cs[None, :]
+    if SAME_PAGE:
+        blk = tl.load(BT + b * stride_btb + start // P).to(tl.int64)
+        base_r = Cache + blk * stride_cb + kvh * stride_ch
+        row = (start % P) + t
+        # V along tokens: byte column c holds tokens 2c, 2c + 1; scale column c tokens c*G..
+        base_c = base_r
+        col = (start % P) // 2 + tl.arange(0, T // 2)
+        base_s = base_r
+        scol = (start % P) // G + tl.arange(0, T // G)
+    else:
+        pos = start + t
+        blk = tl.load(BT + b * stride_btb + pos // P, mask=pos < seq_len, other=0).to(tl.int64)
+        base_r = (Cache + blk * stride_cb + kvh * stride_ch)[:, None]
+        row = pos % P
+        pc = start + 2 * tl.arange(0, T // 2)
+        base_c = (Cache + tl.load(BT + b * stride_btb + pc // P, mask=pc < seq_len,
+                                  other=0).to(tl.int64) * stride_cb
+                  + kvh * stride_ch)[None, :]
+        col = (pc % P) // 2
+        ps = start + G * tl.arange(0, T // G)
+        base_s = (Cache + tl.load(BT + b * stride_btb + ps // P, mask=ps < seq_len,
+                                  other=0).to(tl.int64) * stride_cb
+                  + kvh * stride_ch)[None, :]
+        scol = (ps % P) // G
+    pk = base_r + OFF_K4 + row[:, None] * (D // 2) + cb[None, :]
+    psk = base_r + OFF_K4S + row[:, None] * (D // G) + cs[None, :]
     if AUTO:
         offs_d = tl.arange(0, D)
-        tb = tl.arange(0, U // 2)
-        ts = tl.arange(0, U // G)
-        pv = page + OFF_V4 + u0 // 2 + offs_d[:, None] * (P // 2) + tb[None, :]
-        psv = page + OFF_V4S + u0 // G + offs_d[:, None] * (P // G) + ts[None, :]
-        vmask = (tb * 2 < n_valid)[None, :]
-        vsmask = (ts * G < n_valid)[None, :]
+        pv = base_c + OFF_V4 + offs_d[:, None] * (P // 2) + col[None, :]
+        psv = base_s + OFF_V4S + offs_d[:, None] * (P // G) + scol[None, :]
+        vmask = (tl.arange(0, T // 2) * 2 < n_valid)[None, :]
+        vsmask = (tl.arange(0, T // G) * G < n_valid)[None, :]
     else:
-        pv = page + OFF_V4 + rows[:, None] * (D // 2) + cb[None, :]
-        psv = page + OFF_V4S + rows[:, None] * (D // G) + cs[None, :]
+        pv = base_r + OFF_V4 + row[:, None] * (D // 2) + cb[None, :]
+        psv = base_r + OFF_V4S + row[:, None] * (D // G) + cs[None, :]
         vmask = rmask
         vsmask = rmask
     if MASKED:
@@ -78,13 +103,31 @@ def _paged_fp4_load(
 
 
 @triton.jit
+def _selected_bounds(sel_row, K_SEL, j0, j1, zero):
+    """Of the ascending selected-unit list at ``sel_row`` (K_SEL entries, -1 padded): how many
+    lie before unit j0, before unit j1, and in all. Counted in chunks with a runtime bound: a
+    constexpr list width would compile one kernel variant per power of two of k. ``zero``: an
+    int32 0 of the program's scalar type."""
+    lo = zero
+    hi = zero
+    n_sel = zero
+    for c in range(0, K_SEL, 16):
+        idx = c + tl.arange(0, 16)
+        sel = tl.load(sel_row + idx, mask=idx < K_SEL, other=-1)
+        lo += tl.sum(((sel >= 0) & (sel < j0)).to(tl.int32), axis=0)
+        hi += tl.sum(((sel >= 0) & (sel < j1)).to(tl.int32), axis=0)
+        n_sel += tl.sum((sel >= 0).to(tl.int32), axis=0)
+    return lo, hi, n_sel
+
+
+@triton.jit
 def _paged_fp4_tile(
     acc, l_i, m_i, q4, qp, qs, kb, ks, vb, vs, start, seq_len, qk_scale, keep,
     BLOCK_H: tl.constexpr, U: tl.constexpr, D: tl.constexpr, G: tl.constexpr,
     FMT: tl.constexpr, AUTO: tl.constexpr, MASKED: tl.constexpr, DOT_FP32: tl.constexpr,
     NATIVE: tl.constexpr,
 ):
-    """One FP4 unit from its raw bytes (``_paged_fp4_load``) = sequence positions
+    """One FP4 unit from its raw bytes (``_tile_bytes``) = sequence positions
     start..start+U-1. ``keep`` False makes it a no-op (the unit is computed in FP16).
     NATIVE (sm_120): packed q (qp + scale bytes qs) and K straight into the block-scaled MMA,
     and P x V too in the auto layout (its V is grouped along tokens, the contraction); the
@@ -188,17 +231,7 @@ def _paged_decode_kernel(
             q4 = _dequant_tile_mma(qp, qsc, BLOCK_H, D, G, FMT, False)  # fp16 / bf16, exact
 
         sel_row = Sel + b * stride_selb + kvh * stride_selh
-        # Selected units before / inside this split, counted in chunks with a runtime bound:
-        # a constexpr list width would compile one kernel variant per power of two of k.
-        lo = seq_len * 0
-        hi = seq_len * 0
-        n_sel = seq_len * 0
-        for c in range(0, K_SEL, 16):
-            idx = c + tl.arange(0, 16)
-            sel = tl.load(sel_row + idx, mask=idx < K_SEL, other=-1)
-            lo += tl.sum(((sel >= 0) & (sel < j0)).to(tl.int32), axis=0)
-            hi += tl.sum(((sel >= 0) & (sel < j1)).to(tl.int32), axis=0)
-            n_sel += tl.sum((sel >= 0).to(tl.int32), axis=0)
+        lo, hi, n_sel = _selected_bounds(sel_row, K_SEL, j0, j1, seq_len * 0)
 
         acc = tl.zeros([BLOCK_H, D], dtype=tl.float32)
         l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
@@ -209,19 +242,18 @@ def _paged_decode_kernel(
         ptr = lo
         nxt = tl.load(sel_row + ptr, mask=ptr < hi, other=-1)
         for j in range(j0, j_full):
-            page = _page(Cache, BT, b, j, kvh, stride_btb, stride_cb, stride_ch, P // U)
-            kb, ks, vb, vs = _paged_fp4_load(page, (j % (P // U)) * U, U, U, P, D, G, AUTO, False,
-                                             OFF_K4, OFF_K4S, OFF_V4, OFF_V4S)
+            kb, ks, vb, vs = _tile_bytes(Cache, BT, b, kvh, j * U, U, seq_len, stride_btb,
+                                         stride_cb, stride_ch, U, P, D, G, AUTO, False, True,
+                                         OFF_K4, OFF_K4S, OFF_V4, OFF_V4S)
             acc, l_i, m_i = _paged_fp4_tile(
                 acc, l_i, m_i, q4, qp, qsc, kb, ks, vb, vs, j * U, seq_len, qk_scale, j != nxt,
                 BLOCK_H, U, D, G, FMT, AUTO, False, DOT_FP32, NATIVE)
             ptr += (j == nxt).to(tl.int32)
             nxt = tl.load(sel_row + ptr, mask=ptr < hi, other=-1)
         if j_full < j_end:
-            page = _page(Cache, BT, b, j_full, kvh, stride_btb, stride_cb, stride_ch, P // U)
-            kb, ks, vb, vs = _paged_fp4_load(page, (j_full % (P // U)) * U, seq_len - j_full * U,
-                                             U, P, D, G, AUTO, True, OFF_K4, OFF_K4S, OFF_V4,
-                                             OFF_V4S)
+            kb, ks, vb, vs = _tile_bytes(Cache, BT, b, kvh, j_full * U, seq_len - j_full * U,
+                                         seq_len, stride_btb, stride_cb, stride_ch, U, P, D, G,
+                                         AUTO, True, True, OFF_K4, OFF_K4S, OFF_V4, OFF_V4S)
             acc, l_i, m_i = _paged_fp4_tile(
                 acc, l_i, m_i, q4, qp, qsc, kb, ks, vb, vs, j_full * U, seq_len, qk_scale,
                 j_full != nxt, BLOCK_H, U, D, G, FMT, AUTO, True, DOT_FP32, NATIVE)

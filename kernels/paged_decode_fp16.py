@@ -15,67 +15,8 @@ softmax runs on [T, BLOCK_H] instead of [16, T]; acc is then [D, BLOCK_H].
 import triton
 import triton.language as tl
 from thrift_vllm.kernels.fp4 import _dequant_tile_mma
+from thrift_vllm.kernels.paged_decode import _page, _selected_bounds, _tile_bytes
 from thrift_vllm.kernels.tiles import _dot
-
-
-@triton.jit
-def _tile_bytes(
-    Cache, BT, b, kvh, start, n_valid, seq_len, stride_btb, stride_cb, stride_ch,
-    T: tl.constexpr, P: tl.constexpr, D: tl.constexpr, G: tl.constexpr, AUTO: tl.constexpr,
-    MASKED: tl.constexpr, SAME_PAGE: tl.constexpr,
-    OFF_K4: tl.constexpr, OFF_K4S: tl.constexpr, OFF_V4: tl.constexpr, OFF_V4S: tl.constexpr,
-):
-    """Raw bytes of T tokens from position ``start`` (a multiple of U; the first ``n_valid``
-    are read, the rest are zeros when MASKED): K [T, D/2] + [T, D/G]; V [D, T/2] + [D, T/G]
-    along tokens (auto) or [T, D/2] + [T, D/G] (nvfp4). SAME_PAGE: the T tokens lie in one page
-    (P % T == 0 and tiles aligned to T), one block-table read; else one per row / column,
-    masked at ``seq_len`` (the table may end inside the tile)."""
-    t = tl.arange(0, T)
-    rmask = (t < n_valid)[:, None]
-    cb = tl.arange(0, D // 2)
-    cs = tl.arange(0, D // G)
-    if SAME_PAGE:
-        blk = tl.load(BT + b * stride_btb + start // P).to(tl.int64)
-        base_r = Cache + blk * stride_cb + kvh * stride_ch
-        row = (start % P) + t
-        # V along tokens: byte column c holds tokens 2c, 2c + 1; scale column c tokens c*G..
-        base_c = base_r
-        col = (start % P) // 2 + tl.arange(0, T // 2)
-        base_s = base_r
-        scol = (start % P) // G + tl.arange(0, T // G)
-    else:
-        pos = start + t
-        blk = tl.load(BT + b * stride_btb + pos // P, mask=pos < seq_len, other=0).to(tl.int64)
-        base_r = (Cache + blk * stride_cb + kvh * stride_ch)[:, None]
-        row = pos % P
-        pc = start + 2 * tl.arange(0, T // 2)
-        base_c = (Cache + tl.load(BT + b * stride_btb + pc // P, mask=pc < seq_len,
-                                  other=0).to(tl.int64) * stride_cb
-                  + kvh * stride_ch)[None, :]
-        col = (pc % P) // 2
-        ps = start + G * tl.arange(0, T // G)
-        base_s = (Cache + tl.load(BT + b * stride_btb + ps // P, mask=ps < seq_len,
-                                  other=0).to(tl.int64) * stride_cb
-                  + kvh * stride_ch)[None, :]
-        scol = (ps % P) // G
-    pk = base_r + OFF_K4 + row[:, None] * (D // 2) + cb[None, :]
-    psk = base_r + OFF_K4S + row[:, None] * (D // G) + cs[None, :]
-    if AUTO:
-        offs_d = tl.arange(0, D)
-        pv = base_c + OFF_V4 + offs_d[:, None] * (P // 2) + col[None, :]
-        psv = base_s + OFF_V4S + offs_d[:, None] * (P // G) + scol[None, :]
-        vmask = (tl.arange(0, T // 2) * 2 < n_valid)[None, :]
-        vsmask = (tl.arange(0, T // G) * G < n_valid)[None, :]
-    else:
-        pv = base_r + OFF_V4 + row[:, None] * (D // 2) + cb[None, :]
-        psv = base_r + OFF_V4S + row[:, None] * (D // G) + cs[None, :]
-        vmask = rmask
-        vsmask = rmask
-    if MASKED:
-        return (tl.load(pk, mask=rmask, other=0), tl.load(psk, mask=rmask, other=0),
-                tl.load(pv, mask=vmask, other=0), tl.load(psv, mask=vsmask, other=0))
-    else:
-        return tl.load(pk), tl.load(psk), tl.load(pv), tl.load(psv)
 
 
 @triton.jit
@@ -194,13 +135,7 @@ def _paged_decode_fp16_kernel(
         if AUTO:
             # Selected units before / inside this split (as the FP4 kernel counts them).
             sel_row = Sel + b * stride_selb + kvh * stride_selh
-            lo = seq_len * 0
-            hi = seq_len * 0
-            for c in range(0, K_SEL, 16):
-                idx = c + tl.arange(0, 16)
-                sel = tl.load(sel_row + idx, mask=idx < K_SEL, other=-1)
-                lo += tl.sum(((sel >= 0) & (sel < j0)).to(tl.int32), axis=0)
-                hi += tl.sum(((sel >= 0) & (sel < j1)).to(tl.int32), axis=0)
+            lo, hi, _ = _selected_bounds(sel_row, K_SEL, j0, j1, seq_len * 0)
             lim = seq_len
             ptr = lo
             nxt = tl.load(sel_row + ptr, mask=ptr < hi, other=-1)
@@ -236,8 +171,7 @@ def _paged_decode_fp16_kernel(
             u = tl.arange(0, U)
             for i in range(lo, hi):
                 js = tl.load(sel_row + i)
-                blk = tl.load(BT + b * stride_btb + js // (P // U)).to(tl.int64)
-                page = Cache + blk * stride_cb + kvh * stride_ch
+                page = _page(Cache, BT, b, js, kvh, stride_btb, stride_cb, stride_ch, P // U)
                 hi_off = ((js % (P // U)) * U + u)[:, None] * D + offs_d[None, :]
                 ok_s = js * U + u < seq_len
                 k = tl.load((page + OFF_KHI).to(dt) + hi_off, mask=ok_s[:, None], other=0.0)

@@ -16,12 +16,13 @@ message names the source and the value.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import re
 from collections.abc import Mapping
 from typing import Any
+
+from thrift_vllm.backend.config import MAX_CACHE_SALT_LEN, budget_cache_salt
 
 HEADER = "x-fp16-budget"
 HEADER_DISPLAY = "X-FP16-Budget"
@@ -32,7 +33,7 @@ SALT_KEY = "cache_salt"
 OVER_CAP_MODES = ("clamp", "reject")
 MAX_TEXT_LEN = 32
 # vLLM's own cache_salt rules (vllm/entrypoints/generate/base/protocol.py: validate_cache_salt).
-MAX_SALT_LEN = 128
+MAX_SALT_LEN = MAX_CACHE_SALT_LEN
 SALT_FORBIDDEN = frozenset("@/\\\x00")
 
 # ASCII only ([0-9], not \d: Python's \d and float() accept every unicode digit).
@@ -235,19 +236,14 @@ def resolve(settings: BudgetSettings, header: float | None, body: float | None) 
 
 
 def salt_for(budget: float, client_salt: Any) -> Any:
-    """The ``cache_salt`` that keeps prefix-cache blocks of different budgets apart (their stored
-    K/V differ), merged with the client's salt. A client salt vLLM would reject is returned as is
-    (vLLM then answers 400 for it); a merged salt over vLLM's 128 characters is hashed."""
-    own = f"thrift-fp16-budget={fmt(budget)}"
-    if client_salt is None:
-        return own
-    if not isinstance(client_salt, str) or not client_salt or len(client_salt) > MAX_SALT_LEN \
-            or any(c in SALT_FORBIDDEN for c in client_salt):
+    """The ``cache_salt`` that keeps prefix-cache blocks of different budgets apart, merged with
+    the client's salt (``config.budget_cache_salt``: the engine writes the same token). A
+    client salt vLLM would reject is returned as is (vLLM then answers 400 for it)."""
+    if client_salt is not None and (
+            not isinstance(client_salt, str) or not client_salt
+            or len(client_salt) > MAX_SALT_LEN or any(c in SALT_FORBIDDEN for c in client_salt)):
         return client_salt
-    merged = f"{client_salt}|{own}"
-    if len(merged) > MAX_SALT_LEN:
-        merged = "sha256:" + hashlib.sha256(merged.encode("utf-8")).hexdigest()
-    return merged
+    return budget_cache_salt(budget, client_salt)
 
 
 def rewrite_body(body: dict[str, Any], budget: float, salt: bool = True,

@@ -29,16 +29,13 @@ Two hooks, installed by the plugin (``plugin.register``) and inert for every oth
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from typing import Any
 
 from thrift_vllm.backend import request_budget
-from thrift_vllm.backend.config import ThriftBackendConfig
+from thrift_vllm.backend.config import ThriftBackendConfig, budget_cache_salt
 from thrift_vllm.backend.plugin import BACKEND_QUALNAME
 
-SALT_PREFIX = "thrift-fp16-budget="  # server/budget.py's salt_for writes the same token
-MAX_SALT_LEN = 128  # vLLM's limit on cache_salt in the OpenAI protocol
 _ROUTE_ATTR = "_thrift_vllm_budget_route"
 
 
@@ -112,17 +109,12 @@ def prepare_config(vllm_config: Any) -> None:
 
 
 def salt_for(budget: float, salt: str | None) -> str:
-    """``salt`` with the budget token appended (as is if it already ends with it); merged salts
-    over vLLM's 128 characters are hashed."""
-    own = SALT_PREFIX + repr(float(budget) + 0.0)
-    if not salt:
-        return own
-    if salt == own or salt.endswith("|" + own):
+    """``salt`` with the budget token appended (``config.budget_cache_salt``), as is if it
+    already ends with it (the server middleware salted it)."""
+    own = budget_cache_salt(budget)
+    if salt and (salt == own or salt.endswith("|" + own)):
         return salt
-    merged = f"{salt}|{own}"
-    if len(merged) > MAX_SALT_LEN:
-        merged = "sha256:" + hashlib.sha256(merged.encode("utf-8")).hexdigest()
-    return merged
+    return budget_cache_salt(budget, salt)
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ Unknown keys and bad values raise ``ValueError`` naming them. This module does n
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import numbers
 import os
@@ -187,6 +188,24 @@ class ThriftBackendConfig:
         if isinstance(extra, Mapping) and ADDITIONAL_CONFIG_KEY in extra:
             cfg = cls.from_mapping(extra[ADDITIONAL_CONFIG_KEY], base=cfg)
         return cfg
+
+
+BUDGET_SALT_PREFIX = "thrift-fp16-budget="
+MAX_CACHE_SALT_LEN = 128  # vLLM's limit on cache_salt in the OpenAI protocol
+
+
+def budget_cache_salt(budget: float, salt: str | None = None) -> str:
+    """The prefix-cache salt that keeps blocks of different budgets apart (their stored K/V
+    differ): the budget's token, appended to a non-empty ``salt``; a merged salt longer than
+    vLLM allows is hashed. The one rule for the server middleware (``server/budget.py``) and the
+    engine's front end (``budget_route``), so both write the same token."""
+    own = BUDGET_SALT_PREFIX + repr(float(budget) + 0.0)
+    if not salt:
+        return own
+    merged = f"{salt}|{own}"
+    if len(merged) > MAX_CACHE_SALT_LEN:
+        merged = "sha256:" + hashlib.sha256(merged.encode("utf-8")).hexdigest()
+    return merged
 
 
 def budget_effect(kv_layout: str, decode_math: str, prefill: str) -> tuple[bool, str]:

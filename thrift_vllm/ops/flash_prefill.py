@@ -21,6 +21,7 @@ every layer then runs one gather (nvfp4) and one varlen call.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -29,16 +30,9 @@ import torch
 from thrift_vllm.kernels.kv_gather import _gather_dequant_kernel
 from thrift_vllm.kv_layout import KVLayout
 from thrift_vllm.ops.kv_write import cache_bytes, region_offsets
+from thrift_vllm.ops.paged_attention import host_to_device
 
 GATHER_TILE = 64  # tokens per gather program; divides every page size (pages hold whole units)
-
-
-def _host_to_device(values: Sequence[int], device: torch.device,
-                    dtype: torch.dtype = torch.int32) -> torch.Tensor:
-    """``values`` on ``device`` without a stream sync (pinned, non-blocking on CUDA)."""
-    if torch.device(device).type != "cuda":
-        return torch.tensor(values, dtype=dtype, device=device)
-    return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
 
 
 @dataclass
@@ -89,31 +83,26 @@ class FlashPrefillBatch:
         q_index = None
         if not contiguous:
             idx = [r for i in rows for r in range(query_start_loc[i], query_start_loc[i + 1])]
-            q_index = _host_to_device(idx, dev, torch.long)
+            q_index = host_to_device(idx, torch.long, dev)
             q_lo, q_hi = 0, len(idx)
-        cu_q = [0]
-        for n in q_lens:
-            cu_q.append(cu_q[-1] + n)
+        cu_q = [0, *itertools.accumulate(q_lens)]
         lens = [seq_lens[i] for i in rows]
+
+        def ints(values):
+            return host_to_device(values, torch.int32, dev)
+
         bt = block_table[rows[0]:rows[-1] + 1] if contiguous else \
-            block_table[_host_to_device(rows, dev, torch.long)]
-        out = cls(rows=rows, q_lo=q_lo, q_hi=q_hi, q_index=q_index,
-                  cu_seqlens_q=_host_to_device(cu_q, dev), seq_lens=_host_to_device(lens, dev),
-                  block_table=bt.to(torch.int32), max_seqlen_q=max(q_lens),
+            block_table[host_to_device(rows, torch.long, dev)]
+        out = cls(rows=rows, q_lo=q_lo, q_hi=q_hi, q_index=q_index, cu_seqlens_q=ints(cu_q),
+                  seq_lens=ints(lens), block_table=bt.to(torch.int32), max_seqlen_q=max(q_lens),
                   max_seqlen_k=max(lens), total_k=sum(lens))
         if gather:
-            cu_k, tile_seq, tile_start = [0], [], []
-            for s, n in enumerate(lens):
-                cu_k.append(cu_k[-1] + n)
-                starts = range(0, n, GATHER_TILE)
-                tile_seq += [s] * len(starts)
-                tile_start += list(starts)
-            out.cu_seqlens_k = _host_to_device(cu_k, dev)
-            out.tile_seq = _host_to_device(tile_seq, dev)
-            out.tile_start = _host_to_device(tile_start, dev)
-            out.ctx_lens = _host_to_device([n - q for n, q in zip(lens, q_lens, strict=True)],
-                                           dev)
-            out.q_start = _host_to_device([cu_q[s] for s in range(len(rows))], dev)
+            tiles = [(s, t) for s, n in enumerate(lens) for t in range(0, n, GATHER_TILE)]
+            out.cu_seqlens_k = ints([0, *itertools.accumulate(lens)])
+            out.tile_seq = ints([s for s, _ in tiles])
+            out.tile_start = ints([t for _, t in tiles])
+            out.ctx_lens = ints([n - q for n, q in zip(lens, q_lens, strict=True)])
+            out.q_start = ints(cu_q[:-1])
         return out
 
 

@@ -209,6 +209,16 @@ def paged_decode_triton(
     offs = region_offsets(layout)
     offs.pop("OFF_SUM")
     offs.pop("OFF_MAX")
+    # The two kernels take the same tensors, strides and layout constants.
+    args = (query, key, value, cache, block_table, seq_lens, sel_arg, acc, ml, scale * LOG2E,
+            per, k_sel, query.stride(0), query.stride(1), key.stride(0), key.stride(1),
+            value.stride(0), value.stride(1), block_table.stride(0), cache.stride(0),
+            cache.stride(1), sel_arg.stride(0), sel_arg.stride(1), *acc.stride()[:3],
+            *ml.stride()[:3])
+    common = dict(Hkv=Hkv, U=layout.unit, P=layout.page_size, D=D, G=layout.group,
+                  FMT=layout.quant_format, AUTO=auto, DOT_FP32=triton_interpreted(),
+                  num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+                  **({"maxnreg": cfg["maxnreg"]} if cfg["maxnreg"] else {}), **offs)
     if fp16:
         group = Hq // Hkv
         block_h = int(cfg["block_h"]) or max(8 if cfg["swap"] else 16,
@@ -220,32 +230,13 @@ def paged_decode_triton(
             raise ValueError(f"fp16_operands needs NVFP4 pages (exact in fp16), got "
                              f"{layout.quant_format!r}")
         _paged_decode_fp16_kernel[(B * Hkv, splits)](
-            query, key, value, cache, block_table, seq_lens, sel_arg, acc, ml,
-            scale * LOG2E, per, k_sel,
-            query.stride(0), query.stride(1), key.stride(0), key.stride(1), value.stride(0),
-            value.stride(1), block_table.stride(0), cache.stride(0), cache.stride(1),
-            sel_arg.stride(0), sel_arg.stride(1), *acc.stride()[:3], *ml.stride()[:3],
-            Hkv=Hkv, GROUP=group, BLOCK_H=block_h, U=layout.unit, P=layout.page_size, D=D,
-            G=layout.group, FMT=layout.quant_format, AUTO=auto, DOT_FP32=triton_interpreted(),
-            UPI=upi, SWAP=bool(cfg["swap"]), OPS_F16=ops_f16, num_warps=cfg["num_warps"],
-            num_stages=cfg["num_stages"], **({"maxnreg": cfg["maxnreg"]} if cfg["maxnreg"] else {}),
-            **offs,
-        )
+            *args, GROUP=group, BLOCK_H=block_h, UPI=upi, SWAP=bool(cfg["swap"]),
+            OPS_F16=ops_f16, **common)
     else:
         _paged_decode_kernel[(B * Hkv, splits)](
-            query, key, value, cache, block_table, seq_lens, sel_arg, acc, ml,
-            scale * LOG2E, per, k_sel,
-            query.stride(0), query.stride(1), key.stride(0), key.stride(1), value.stride(0),
-            value.stride(1), block_table.stride(0), cache.stride(0), cache.stride(1),
-            sel_arg.stride(0), sel_arg.stride(1), *acc.stride()[:3], *ml.stride()[:3],
-            Hkv=Hkv, GROUP=Hq // Hkv, BLOCK_H=max(16, triton.next_power_of_2(Hq // Hkv)),
-            U=layout.unit, P=layout.page_size, D=D, G=layout.group, FMT=layout.quant_format,
-            AUTO=layout.kv_layout == "auto",
-            DOT_FP32=triton_interpreted(),
+            *args, GROUP=Hq // Hkv, BLOCK_H=max(16, triton.next_power_of_2(Hq // Hkv)),
             NATIVE=native_fp4_decode(query.device) if native is None else bool(native),
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-            **({"maxnreg": cfg["maxnreg"]} if cfg["maxnreg"] else {}), **offs,
-        )
+            **common)
     _paged_reduce_kernel[(B * Hq,)](
         acc, ml, seq_lens, out, per, *acc.stride()[:3], *ml.stride()[:3], out.stride(0),
         out.stride(1), Hq=Hq, U=layout.unit, D=D, SPLIT_CHUNK=SPLIT_CHUNK,

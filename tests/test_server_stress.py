@@ -18,7 +18,6 @@ The numbers are printed (``-s``) for BENCHMARKS.md.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import random
@@ -26,13 +25,11 @@ import re
 import shlex
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-from server_process import Server
-from server_process import free_port as _free_port
+from server_process import Server, start_server
 from server_process import vllm_import_error as _vllm_import_error
 from test_server import KEY, MODEL
 
@@ -42,44 +39,11 @@ CAP = 0.5
 TIMEOUT = 60.0  # seconds, any single request
 
 
-def _start(tmp: Path, *extra: str, env_extra=None) -> Server:
-    import httpx
-
-    log = tmp / "server.log"
-    port = _free_port()
-    env = dict(os.environ, HF_HUB_OFFLINE="1", VLLM_NO_USAGE_STATS="1",
-               VLLM_CPU_KVCACHE_SPACE="1", TOKENIZERS_PARALLELISM="false", **(env_extra or {}))
-    env.pop("VLLM_API_KEY", None)
-    cmd = [sys.executable, "-m", "thrift_vllm.server.cli", "serve", "--host", "127.0.0.1",
-           "--port", str(port), "--max-model-len", "512", "--enforce-eager", "--api-key", KEY,
-           "--max-fp16-budget", str(CAP), "--fp16-budget", "0.05", "--enable-log-requests",
-           *extra]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, cwd=tmp, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-    srv = Server(proc, port, log)
-    deadline = time.monotonic() + 300
-    while True:
-        if proc.poll() is not None:
-            pytest.fail(f"server exited with {proc.returncode}:\n{srv.tail()}")
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(srv.url + "/health", timeout=2).status_code == 200:
-                return srv
-        if time.monotonic() > deadline:
-            _stop(srv)
-            pytest.fail(f"server not healthy after 300 s:\n{srv.tail()}")
-        time.sleep(1)
-
-
-def _stop(srv: Server) -> None:
-    if srv.proc.poll() is None:
-        srv.proc.terminate()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            srv.proc.wait(30)
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(srv.proc.pid, signal.SIGKILL)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        srv.proc.wait(10)
+def _server(tmp: Path, *extra: str):
+    """``server_process.start_server`` with this module's budget settings (a context manager
+    that stops the server and its engine core on exit)."""
+    return start_server(tmp, ["--api-key", KEY, "--max-fp16-budget", str(CAP), "--fp16-budget",
+                              "0.05", "--enable-log-requests", *extra], timeout=300)
 
 
 @pytest.fixture
@@ -247,83 +211,82 @@ def _expected_blocks(prompt_len: int, new_tokens: int, budget: float) -> tuple[i
 def test_server_stress(needs_vllm, tmp_path):
     import httpx
 
-    srv = _start(tmp_path, "--max-num-seqs", "32", "--warmup-tokens", "0")
-    timings = {}
-    try:
-        t0 = time.monotonic()
-        ref = _reference(srv)
-        # concurrency: mixed budgets, every stream finishes, the header says what applied
-        t = time.monotonic()
-        res = asyncio.run(_streams(srv.url, 96))
-        timings["96 streams"] = time.monotonic() - t
-        applied = {"0": "0.0", "0.05": "0.05", "0.25": "0.25", "0.5": "0.5", "0.9": "0.5"}
-        for i, (status, hdr, chunks, finish) in enumerate(res):
-            assert status == 200 and finish == "length" and chunks >= 1, res[i]
-            assert hdr == applied[["0", "0.05", "0.25", "0.5", "0.9"][i % 5]], res[i]
-        # fuzz: seeded, no 5xx, no hang
-        rng = random.Random(20261207)
-        cases = [_fuzz_case(rng, i) for i in range(600)]
-        t = time.monotonic()
-        out = asyncio.run(_fuzz(srv.url, cases))
-        timings["600 fuzz"] = time.monotonic() - t
-        codes: dict[int, int] = {}
-        for status, _case in out:
-            codes[status] = codes.get(status, 0) + 1
-        bad = [(s, c["method"], c["path"][:60], c["content"][:120]) for s, c in out
-               if s < 0 or s >= 500]
-        assert not bad, bad[:10]
-        assert codes.get(200, 0) > 20 and codes.get(400, 0) > 100, codes
-        assert httpx.get(srv.url + "/health", timeout=5).status_code == 200
-        # dropped streams: 24 hang up after their first event
-        t = time.monotonic()
-        dropped = asyncio.run(_streams(srv.url, 24, drop=True))
-        timings["24 dropped"] = time.monotonic() - t
-        assert all(s == 200 for s, *_ in dropped), dropped
-        assert _reference(srv) == ref  # same greedy completion after all of it
-        assert httpx.get(srv.url + "/health", timeout=5).status_code == 200
+    with _server(tmp_path, "--max-num-seqs", "32", "--warmup-tokens", "0") as srv:
+        timings = {}
+        try:
+            t0 = time.monotonic()
+            ref = _reference(srv)
+            # concurrency: mixed budgets, every stream finishes, the header says what applied
+            t = time.monotonic()
+            res = asyncio.run(_streams(srv.url, 96))
+            timings["96 streams"] = time.monotonic() - t
+            applied = {"0": "0.0", "0.05": "0.05", "0.25": "0.25", "0.5": "0.5", "0.9": "0.5"}
+            for i, (status, hdr, chunks, finish) in enumerate(res):
+                assert status == 200 and finish == "length" and chunks >= 1, res[i]
+                assert hdr == applied[["0", "0.05", "0.25", "0.5", "0.9"][i % 5]], res[i]
+            # fuzz: seeded, no 5xx, no hang
+            rng = random.Random(20261207)
+            cases = [_fuzz_case(rng, i) for i in range(600)]
+            t = time.monotonic()
+            out = asyncio.run(_fuzz(srv.url, cases))
+            timings["600 fuzz"] = time.monotonic() - t
+            codes: dict[int, int] = {}
+            for status, _case in out:
+                codes[status] = codes.get(status, 0) + 1
+            bad = [(s, c["method"], c["path"][:60], c["content"][:120]) for s, c in out
+                   if s < 0 or s >= 500]
+            assert not bad, bad[:10]
+            assert codes.get(200, 0) > 20 and codes.get(400, 0) > 100, codes
+            assert httpx.get(srv.url + "/health", timeout=5).status_code == 200
+            # dropped streams: 24 hang up after their first event
+            t = time.monotonic()
+            dropped = asyncio.run(_streams(srv.url, 24, drop=True))
+            timings["24 dropped"] = time.monotonic() - t
+            assert all(s == 200 for s, *_ in dropped), dropped
+            assert _reference(srv) == ref  # same greedy completion after all of it
+            assert httpx.get(srv.url + "/health", timeout=5).status_code == 200
 
-        # realised FP16 share per budget bucket: plausible under the load
-        text = httpx.get(srv.url + "/metrics", headers=AUTH, timeout=10).text
-        f16 = _series(text, "thrift_vllm_fp16_blocks_total")
-        att = _series(text, "thrift_vllm_attention_blocks_total")
-        share = {k: f16.get(k, 0) / v for k, v in att.items() if v}
-        assert share['budget_bucket="0.0"'] == 0.0, share
-        assert 0 < share['budget_bucket="0.25"'] <= share['budget_bucket="0.5"'] <= 1, share
-        assert 'budget_bucket="1.0"' not in att  # 0.9 was clamped to the cap before the engine
+            # realised FP16 share per budget bucket: plausible under the load
+            text = httpx.get(srv.url + "/metrics", headers=AUTH, timeout=10).text
+            f16 = _series(text, "thrift_vllm_fp16_blocks_total")
+            att = _series(text, "thrift_vllm_attention_blocks_total")
+            share = {k: f16.get(k, 0) / v for k, v in att.items() if v}
+            assert share['budget_bucket="0.0"'] == 0.0, share
+            assert 0 < share['budget_bucket="0.25"'] <= share['budget_bucket="0.5"'] <= 1, share
+            assert 'budget_bucket="1.0"' not in att  # 0.9 was clamped to the cap before the engine
 
-        # X-FP16-Budget-Applied == what the attention layers used, to the block
-        prompt = "The applied budget is the one the attention used. " * 4
-        r = httpx.post(srv.url + "/v1/completions", timeout=TIMEOUT, json={
-            "model": MODEL, "prompt": prompt, "max_tokens": 6, "temperature": 0,
-            "ignore_eos": True, "cache_salt": f"exact-{time.time()}"},
-            headers={**AUTH, "X-FP16-Budget": "0.9"})
-        assert r.status_code == 200 and r.headers["x-fp16-budget-applied"] == "0.5"
-        time.sleep(1.0)  # the engine's step counters reach the front end's /metrics
-        text = httpx.get(srv.url + "/metrics", headers=AUTH, timeout=10).text
-        f16b = _series(text, "thrift_vllm_fp16_blocks_total")
-        attb = _series(text, "thrift_vllm_attention_blocks_total")
-        delta = {k: (f16b.get(k, 0) - f16.get(k, 0), attb[k] - att.get(k, 0)) for k in attb
-                 if attb[k] != att.get(k, 0)}
-        want = _expected_blocks(r.json()["usage"]["prompt_tokens"], 6, 0.5)
-        assert delta == {'budget_bucket="0.5"': want}, (delta, want)
-        timings["total"] = time.monotonic() - t0
-        print(f"\nstress: {len(cases)} fuzz requests, codes {dict(sorted(codes.items()))}; "
-              + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()))
-    finally:
-        if srv.proc.poll() is None:
-            srv.proc.send_signal(signal.SIGTERM)
-            try:
-                rc = srv.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                rc = None
-            _stop(srv)
-        else:
-            rc = "exited early"
-    assert rc == 0, f"SIGTERM: {rc}\n{srv.tail()}"
-    with pytest.raises(ProcessLookupError):  # the engine core went with it
-        for _ in range(40):
-            os.killpg(srv.proc.pid, 0)
-            time.sleep(0.5)
+            # X-FP16-Budget-Applied == what the attention layers used, to the block
+            prompt = "The applied budget is the one the attention used. " * 4
+            r = httpx.post(srv.url + "/v1/completions", timeout=TIMEOUT, json={
+                "model": MODEL, "prompt": prompt, "max_tokens": 6, "temperature": 0,
+                "ignore_eos": True, "cache_salt": f"exact-{time.time()}"},
+                headers={**AUTH, "X-FP16-Budget": "0.9"})
+            assert r.status_code == 200 and r.headers["x-fp16-budget-applied"] == "0.5"
+            time.sleep(1.0)  # the engine's step counters reach the front end's /metrics
+            text = httpx.get(srv.url + "/metrics", headers=AUTH, timeout=10).text
+            f16b = _series(text, "thrift_vllm_fp16_blocks_total")
+            attb = _series(text, "thrift_vllm_attention_blocks_total")
+            delta = {k: (f16b.get(k, 0) - f16.get(k, 0), attb[k] - att.get(k, 0)) for k in attb
+                     if attb[k] != att.get(k, 0)}
+            want = _expected_blocks(r.json()["usage"]["prompt_tokens"], 6, 0.5)
+            assert delta == {'budget_bucket="0.5"': want}, (delta, want)
+            timings["total"] = time.monotonic() - t0
+            print(f"\nstress: {len(cases)} fuzz requests, codes {dict(sorted(codes.items()))}; "
+                  + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()))
+        finally:
+            if srv.proc.poll() is None:
+                srv.proc.send_signal(signal.SIGTERM)
+                try:
+                    rc = srv.proc.wait(60)
+                except subprocess.TimeoutExpired:
+                    rc = None
+            else:
+                rc = "exited early"
+        assert rc == 0, f"SIGTERM: {rc}\n{srv.tail()}"
+        with pytest.raises(ProcessLookupError):  # the engine core went with it
+            for _ in range(40):
+                os.killpg(srv.proc.pid, 0)
+                time.sleep(0.5)
 
 
 def _dockerfile_healthcheck() -> list[str]:
@@ -345,11 +308,10 @@ def test_server_kv_exhaustion_then_engine_death(needs_vllm, tmp_path):
     import httpx
 
     # 6 pages of 128 tokens: one 512-token request fits (vLLM refuses to start otherwise)
-    srv = _start(tmp_path, "--num-gpu-blocks-override", "6", "--max-num-seqs", "8",
-                 "--warmup-tokens", "0")
-    health = _dockerfile_healthcheck()
-    env = dict(os.environ, PORT=str(srv.port))
-    try:
+    with _server(tmp_path, "--num-gpu-blocks-override", "6", "--max-num-seqs", "8",
+                 "--warmup-tokens", "0") as srv:
+        health = _dockerfile_healthcheck()
+        env = dict(os.environ, PORT=str(srv.port))
         assert subprocess.run(health, env=env, timeout=30).returncode == 0
 
         # 6 requests of ~245 + 60 tokens at once (2 pages each at admission, a third while
@@ -432,5 +394,3 @@ def test_server_kv_exhaustion_then_engine_death(needs_vllm, tmp_path):
             pytest.fail(f"/health still 200 30 s after the engine died:\n{srv.tail()}")
         assert subprocess.run(health, env=env, timeout=30,
                               capture_output=True).returncode != 0, shlex.join(health)
-    finally:
-        _stop(srv)
